@@ -1,0 +1,361 @@
+//! The WIT glue: maps the plain-Rust stages onto the `plugin` and `relay`
+//! worlds. Nothing here decides anything about mail; it only converts types
+//! and forwards calls, so the logic stays testable natively.
+
+#[cfg(feature = "relay")]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "relay",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_relay",
+        default_bindings_module: "mailroot_guest::component::bindings",
+    });
+}
+
+#[cfg(not(feature = "relay"))]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "plugin",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_plugin",
+        default_bindings_module: "mailroot_guest::component::bindings",
+    });
+}
+
+use bindings::exports::mailroot::relay::mail_logic as plugin;
+use bindings::mailroot::relay::types as wit;
+
+use crate::{bounce, envelope, message, route, validate};
+
+/// The component: implements every export of the world it is built for.
+pub struct Component;
+
+impl From<message::ParseError> for wit::ParseError {
+    fn from(e: message::ParseError) -> Self {
+        match e {
+            message::ParseError::Empty => wit::ParseError::Empty,
+            message::ParseError::NulByte(offset) => wit::ParseError::NulByte(offset),
+            message::ParseError::NoHeaders => wit::ParseError::NoHeaders,
+            message::ParseError::BadPickupLine(line) => wit::ParseError::BadPickupLine(line),
+        }
+    }
+}
+
+impl From<envelope::Envelope> for wit::Envelope {
+    fn from(e: envelope::Envelope) -> Self {
+        wit::Envelope {
+            sender: e.sender,
+            recipients: e.recipients,
+            source: match e.source {
+                envelope::Source::PickupLines => wit::EnvelopeSource::PickupLines,
+                envelope::Source::ResentHeaders => wit::EnvelopeSource::ResentHeaders,
+                envelope::Source::Headers => wit::EnvelopeSource::Headers,
+            },
+        }
+    }
+}
+
+impl From<wit::Limits> for validate::Limits {
+    fn from(l: wit::Limits) -> Self {
+        validate::Limits {
+            max_message_bytes: l.max_message_bytes,
+            max_recipients: l.max_recipients,
+        }
+    }
+}
+
+impl From<route::Failure> for wit::Failure {
+    fn from(f: route::Failure) -> Self {
+        wit::Failure {
+            permanent: f.permanent,
+            status: f.status,
+            text: f.text,
+        }
+    }
+}
+
+impl From<wit::MxAnswer> for route::MxAnswer {
+    fn from(a: wit::MxAnswer) -> Self {
+        match a {
+            wit::MxAnswer::Records(records) => route::MxAnswer::Records(
+                records
+                    .into_iter()
+                    .map(|r| route::MxRecord {
+                        preference: r.preference,
+                        exchange: r.exchange,
+                    })
+                    .collect(),
+            ),
+            wit::MxAnswer::NoRecords => route::MxAnswer::NoRecords,
+            wit::MxAnswer::NxDomain => route::MxAnswer::NxDomain,
+            wit::MxAnswer::Temporary(why) => route::MxAnswer::Temporary(why),
+        }
+    }
+}
+
+fn dsn_action(a: wit::DsnAction) -> bounce::Action {
+    match a {
+        wit::DsnAction::Failed => bounce::Action::Failed,
+        wit::DsnAction::Delayed => bounce::Action::Delayed,
+        wit::DsnAction::Delivered => bounce::Action::Delivered,
+        wit::DsnAction::Relayed => bounce::Action::Relayed,
+        wit::DsnAction::Expanded => bounce::Action::Expanded,
+    }
+}
+
+impl plugin::Guest for Component {
+    fn parse(raw: Vec<u8>) -> Result<wit::MessageSummary, wit::ParseError> {
+        let s = message::summarize(&raw)?;
+        Ok(wit::MessageSummary {
+            from: s.from,
+            sender: s.sender,
+            to: s.to,
+            cc: s.cc,
+            bcc: s.bcc,
+            subject: s.subject,
+            message_id: s.message_id,
+            date: s.date,
+            size: s.size,
+            header_bytes: s.header_bytes,
+            has_eight_bit: s.has_eight_bit,
+            has_utf8_headers: s.has_utf8_headers,
+            long_lines: s.long_lines,
+            longest_line: s.longest_line,
+            bare_line_endings: s.bare_line_endings,
+            has_pickup_envelope: s.has_pickup_envelope,
+        })
+    }
+
+    fn derive_envelope(raw: Vec<u8>) -> Result<wit::Envelope, wit::EnvelopeError> {
+        envelope::derive(&raw).map(Into::into).map_err(|e| match e {
+            envelope::EnvelopeError::Unparseable(p) => wit::EnvelopeError::Unparseable(p.into()),
+            envelope::EnvelopeError::NoSender => wit::EnvelopeError::NoSender,
+            envelope::EnvelopeError::InvalidSender(why) => wit::EnvelopeError::InvalidSender(why),
+            envelope::EnvelopeError::NoRecipients => wit::EnvelopeError::NoRecipients,
+            envelope::EnvelopeError::InvalidRecipient(why) => {
+                wit::EnvelopeError::InvalidRecipient(why)
+            }
+        })
+    }
+
+    fn validate(raw: Vec<u8>, limits: wit::Limits) -> Vec<wit::Finding> {
+        validate::validate(&raw, &limits.into())
+            .into_iter()
+            .map(|f| wit::Finding {
+                severity: match f.severity {
+                    validate::Severity::Warning => wit::Severity::Warning,
+                    validate::Severity::Reject => wit::Severity::Reject,
+                },
+                code: f.code,
+                text: f.text,
+            })
+            .collect()
+    }
+
+    fn plan_delivery(
+        domain: String,
+        answer: wit::MxAnswer,
+        shuffle_seed: u64,
+    ) -> Result<wit::DeliveryPlan, wit::Failure> {
+        let plan = route::plan_delivery(&domain, &answer.into(), shuffle_seed)?;
+        Ok(wit::DeliveryPlan {
+            domain: plan.domain,
+            hosts: plan.hosts,
+            implicit_mx: plan.implicit_mx,
+        })
+    }
+
+    fn build_bounce(request: wit::BounceRequest) -> Vec<u8> {
+        bounce::build_bounce(&bounce::BounceRequest {
+            reporting_mta: request.reporting_mta,
+            original_sender: request.original_sender,
+            arrival_date: request.arrival_date,
+            date: request.date,
+            message_id: request.message_id,
+            will_retry_until: request.will_retry_until,
+            recipients: request
+                .recipients
+                .into_iter()
+                .map(|r| bounce::DsnRecipient {
+                    recipient: r.recipient,
+                    action: dsn_action(r.action),
+                    status: r.status,
+                    remote_mta: r.remote_mta,
+                    diagnostic: r.diagnostic,
+                })
+                .collect(),
+            original: request.original,
+        })
+    }
+}
+
+#[cfg(feature = "relay")]
+mod relay_world {
+    use super::bindings::exports::mailroot::relay::stages as exports;
+    use super::bindings::mailroot::relay::{clock, dns, folders, log, smtp_socket};
+    use super::{Component, wit};
+    use crate::relay::{self, Capabilities, Level, ReadError};
+    use crate::route;
+    use crate::smtp::{self, SocketError};
+
+    /// The imports of the relay world as [`Capabilities`].
+    struct Imports;
+
+    impl From<smtp_socket::SocketError> for SocketError {
+        fn from(e: smtp_socket::SocketError) -> Self {
+            match e {
+                smtp_socket::SocketError::Refused(why) => SocketError::Refused(why),
+                smtp_socket::SocketError::TimedOut => SocketError::TimedOut,
+                smtp_socket::SocketError::Closed => SocketError::Closed,
+                smtp_socket::SocketError::Tls(why) => SocketError::Tls(why),
+                smtp_socket::SocketError::Io(why) => SocketError::Io(why),
+            }
+        }
+    }
+
+    impl smtp::Connection for smtp_socket::Connection {
+        fn send(&mut self, data: &[u8], timeout_ms: u32) -> Result<(), SocketError> {
+            smtp_socket::Connection::send(self, data, timeout_ms).map_err(Into::into)
+        }
+        fn receive(&mut self, timeout_ms: u32) -> Result<Vec<u8>, SocketError> {
+            smtp_socket::Connection::receive(self, timeout_ms).map_err(Into::into)
+        }
+        fn start_tls(
+            &mut self,
+            server_name: &str,
+            verify: bool,
+            timeout_ms: u32,
+        ) -> Result<(), SocketError> {
+            let verification = if verify {
+                smtp_socket::TlsVerification::Verify
+            } else {
+                smtp_socket::TlsVerification::Opportunistic
+            };
+            smtp_socket::Connection::start_tls(self, server_name, verification, timeout_ms)
+                .map_err(Into::into)
+        }
+    }
+
+    impl Capabilities for Imports {
+        type Conn = smtp_socket::Connection;
+
+        fn read_queue_file(&mut self, name: &str) -> Result<Vec<u8>, ReadError> {
+            folders::read(folders::Folder::Queue, name).map_err(|e| match e {
+                folders::FolderError::TooLarge(size) => ReadError::TooLarge(size),
+                folders::FolderError::NotFound => {
+                    ReadError::Unavailable(format!("{name} is not in the queue"))
+                }
+                folders::FolderError::InvalidName => {
+                    ReadError::Unavailable(format!("{name:?} is not a valid file name"))
+                }
+                folders::FolderError::Io(why) => ReadError::Unavailable(why),
+            })
+        }
+
+        fn lookup_mx(&mut self, domain: &str) -> route::MxAnswer {
+            dns::lookup_mx(domain).into()
+        }
+
+        fn lookup_ip(&mut self, host: &str) -> route::AddressAnswer {
+            match dns::lookup_ip(host) {
+                dns::AddressAnswer::Addresses(list) => route::AddressAnswer::Addresses(list),
+                dns::AddressAnswer::NoRecords => route::AddressAnswer::NoRecords,
+                dns::AddressAnswer::NxDomain => route::AddressAnswer::NxDomain,
+                dns::AddressAnswer::Temporary(why) => route::AddressAnswer::Temporary(why),
+            }
+        }
+
+        fn connect(
+            &mut self,
+            address: &str,
+            port: u16,
+            timeout_ms: u32,
+        ) -> Result<Self::Conn, SocketError> {
+            smtp_socket::Connection::connect(address, port, timeout_ms).map_err(Into::into)
+        }
+
+        fn now_ms(&mut self) -> u64 {
+            clock::now_ms()
+        }
+
+        fn log(&mut self, level: Level, message: &str) {
+            let level = match level {
+                Level::Debug => log::Level::Debug,
+                Level::Info => log::Level::Info,
+                Level::Warn => log::Level::Warn,
+                Level::Error => log::Level::Error,
+            };
+            log::write(level, message);
+        }
+    }
+
+    fn options(o: exports::RelayOptions) -> relay::Options {
+        let t = o.timeouts;
+        relay::Options {
+            hostname: o.hostname,
+            smtp_port: o.smtp_port,
+            limits: o.limits.into(),
+            timeouts: relay::Timeouts {
+                connect: t.connect,
+                greeting: t.greeting,
+                mail: t.mail,
+                rcpt: t.rcpt,
+                data_init: t.data_init,
+                data_block: t.data_block,
+                data_end: t.data_end,
+            },
+        }
+    }
+
+    impl exports::Guest for Component {
+        fn accept(
+            file: String,
+            queue_id: String,
+            o: exports::RelayOptions,
+        ) -> Result<exports::Accepted, exports::Rejection> {
+            match relay::accept(&mut Imports, &file, &queue_id, &options(o)) {
+                Ok(a) => Ok(exports::Accepted {
+                    envelope: a.envelope.into(),
+                    message: a.message,
+                    warnings: a.warnings,
+                }),
+                Err(r) => Err(exports::Rejection {
+                    code: r.code,
+                    text: r.text,
+                    temporary: r.temporary,
+                }),
+            }
+        }
+
+        fn deliver(
+            file: String,
+            sender: String,
+            recipients: Vec<String>,
+            o: exports::RelayOptions,
+        ) -> Vec<exports::RecipientOutcome> {
+            relay::deliver(&mut Imports, &file, &sender, &recipients, &options(o))
+                .into_iter()
+                .map(|o| exports::RecipientOutcome {
+                    recipient: o.recipient,
+                    result: match o.result {
+                        relay::RecipientResult::Delivered(reply) => {
+                            exports::RecipientResult::Delivered(reply)
+                        }
+                        relay::RecipientResult::NotDelivered(f) => {
+                            exports::RecipientResult::NotDelivered(wit::Failure::from(f))
+                        }
+                    },
+                    remote_mta: o.remote_mta,
+                })
+                .collect()
+        }
+    }
+}
+
+#[cfg(all(feature = "export", feature = "relay"))]
+bindings::export_relay!(Component with_types_in bindings);
+
+#[cfg(all(feature = "export", not(feature = "relay")))]
+bindings::export_plugin!(Component with_types_in bindings);

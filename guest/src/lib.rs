@@ -1,0 +1,28 @@
+//! The mailroot component: all the mail logic of the relay.
+//!
+//! The modules are plain Rust, free of bindings, so `cargo test` runs them
+//! natively; `component` (built only for wasm) maps them onto the WIT worlds
+//! of `wit/relay.wit`.
+//!
+//! Stages, named after Postfix's: [`message`] and [`envelope`] read a pickup
+//! file, [`validate`] judges it, [`cleanup`] prepares it for the queue,
+//! [`route`] orders the exchangers, [`smtp`] speaks to them, [`relay`] drives
+//! one message through them, and [`bounce`] writes delivery status notifications.
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+pub mod address;
+pub mod bounce;
+pub mod cleanup;
+pub mod date;
+pub mod envelope;
+pub mod message;
+pub mod relay;
+pub mod route;
+pub mod smtp;
+pub mod validate;
+
+#[cfg(target_family = "wasm")]
+pub mod component;

@@ -1,0 +1,413 @@
+//! The raw message: pickup envelope lines, line statistics, the header
+//! section, and the summary the plug-in world returns.
+//!
+//! Everything here works on bytes that came from a file an application
+//! dropped, so nothing indexes or unwraps: malformed input becomes a
+//! [`ParseError`] or is tolerated the way Postfix's cleanup tolerates it.
+
+use std::fmt;
+
+use mail_parser::{HeaderName, MessageParser};
+
+use crate::address;
+
+/// RFC 5322 2.1.1: at most 998 characters on a line, CRLF excluded.
+pub const MAX_LINE_LENGTH: usize = 998;
+
+/// Why a message could not be parsed at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// The file is empty or holds only white space.
+    Empty,
+    /// A NUL byte at this offset.
+    NulByte(u64),
+    /// The file does not start with a header field.
+    NoHeaders,
+    /// A pickup `x-sender:`/`x-receiver:` line whose value is not an address.
+    BadPickupLine(String),
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Empty => f.write_str("the file is empty"),
+            ParseError::NulByte(offset) => write!(f, "the file contains a NUL byte at offset {offset}; mail may not contain NUL bytes"),
+            ParseError::NoHeaders => f.write_str("the file does not start with a header field such as \"From: ...\", so it is not an RFC 5322 message"),
+            ParseError::BadPickupLine(line) => write!(f, "the pickup envelope line \"{line}\" does not hold a valid address"),
+        }
+    }
+}
+
+/// The envelope written by IIS, CDOSYS and .NET `SmtpClient` at the top of a pickup file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PickupEnvelope {
+    /// `x-sender:`; `Some("")` is the null sender.
+    pub sender: Option<String>,
+    /// One `x-receiver:` line per recipient.
+    pub recipients: Vec<String>,
+}
+
+/// Iterates lines, yielding (content without line ending, whole line).
+/// A line ends at CRLF, a bare LF or a bare CR.
+pub struct Lines<'a> {
+    rest: &'a [u8],
+}
+
+/// The lines of `bytes`.
+pub fn lines(bytes: &[u8]) -> Lines<'_> {
+    Lines { rest: bytes }
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let rest = self.rest;
+        let (content_len, ending_len) = match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            None => (rest.len(), 0),
+            Some(i) => match (rest.get(i), rest.get(i + 1)) {
+                (Some(b'\r'), Some(b'\n')) => (i, 2),
+                _ => (i, 1),
+            },
+        };
+        let (line, tail) = rest.split_at(content_len + ending_len);
+        self.rest = tail;
+        Some((line.get(..content_len).unwrap_or(line), line))
+    }
+}
+
+/// Split the pickup envelope lines off the top of a file.
+pub fn split_pickup_lines(raw: &[u8]) -> Result<(Option<PickupEnvelope>, &[u8]), ParseError> {
+    let mut envelope = PickupEnvelope::default();
+    let mut seen = false;
+    let mut consumed = 0;
+    for (content, whole) in lines(raw) {
+        let text = String::from_utf8_lossy(content);
+        let Some((name, value)) = text.split_once(':') else {
+            break;
+        };
+        let name = name.trim().to_ascii_lowercase();
+        if name != "x-sender" && name != "x-receiver" {
+            break;
+        }
+        let value = value.trim();
+        let bad = || ParseError::BadPickupLine(text.trim().to_string());
+        if name == "x-sender" {
+            envelope.sender = Some(if value == "<>" {
+                String::new()
+            } else {
+                address::normalize(value).map_err(|_| bad())?
+            });
+        } else {
+            envelope
+                .recipients
+                .push(address::normalize(value).map_err(|_| bad())?);
+        }
+        seen = true;
+        consumed += whole.len();
+    }
+    let rest = raw.get(consumed..).unwrap_or_default();
+    Ok((seen.then_some(envelope), rest))
+}
+
+/// Properties of the lines of a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LineStats {
+    /// Lines longer than [`MAX_LINE_LENGTH`].
+    pub long_lines: u32,
+    /// The longest line, without its ending.
+    pub longest_line: u32,
+    /// Some line ends in a bare LF or CR.
+    pub bare_line_endings: bool,
+    /// Some byte has the high bit set.
+    pub has_eight_bit: bool,
+    /// Offset of the first NUL byte.
+    pub first_nul: Option<u64>,
+}
+
+/// Scan every line once.
+pub fn line_stats(bytes: &[u8]) -> LineStats {
+    let mut stats = LineStats {
+        has_eight_bit: !bytes.is_ascii(),
+        first_nul: bytes.iter().position(|&b| b == 0).map(|p| p as u64),
+        ..LineStats::default()
+    };
+    for (content, whole) in lines(bytes) {
+        let len = u32::try_from(content.len()).unwrap_or(u32::MAX);
+        stats.longest_line = stats.longest_line.max(len);
+        if content.len() > MAX_LINE_LENGTH {
+            stats.long_lines = stats.long_lines.saturating_add(1);
+        }
+        let ending = whole.get(content.len()..).unwrap_or_default();
+        if ending == b"\n" || ending == b"\r" {
+            stats.bare_line_endings = true;
+        }
+    }
+    stats
+}
+
+/// One header field, folded lines included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field<'a> {
+    /// The field name as written.
+    pub name: &'a str,
+    /// Every line of the field, with their original line endings.
+    pub lines: Vec<&'a [u8]>,
+}
+
+impl Field<'_> {
+    /// Case-insensitive name comparison.
+    pub fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+    }
+}
+
+/// The header section of a message and where the body starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderSection<'a> {
+    /// The fields in order.
+    pub fields: Vec<Field<'a>>,
+    /// Offset of the first body byte.
+    pub body_start: usize,
+    /// The header ended with an empty line (otherwise the body started at a
+    /// line that is not a field, and a separator must be written).
+    pub has_separator: bool,
+}
+
+fn field_name(line: &[u8]) -> Option<&str> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = line.get(..colon)?;
+    let name = std::str::from_utf8(name)
+        .ok()?
+        .trim_end_matches([' ', '\t']);
+    let valid = !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b));
+    valid.then_some(name)
+}
+
+/// Split the header section into fields, the way Postfix's cleanup reads it:
+/// it ends at the first empty line, or at the first line that is neither a
+/// field nor a continuation (that line starts the body).
+pub fn header_section(message: &[u8]) -> Result<HeaderSection<'_>, ParseError> {
+    let mut fields: Vec<Field<'_>> = Vec::new();
+    let mut offset = 0;
+    for (content, whole) in lines(message) {
+        if content.is_empty() {
+            offset += whole.len();
+            return finish(fields, offset, true);
+        }
+        let continuation = matches!(content.first(), Some(b' ' | b'\t'));
+        match (continuation, fields.last_mut(), field_name(content)) {
+            (true, Some(field), _) => field.lines.push(whole),
+            (false, _, Some(name)) => fields.push(Field {
+                name,
+                lines: vec![whole],
+            }),
+            _ => return finish(fields, offset, false),
+        }
+        offset += whole.len();
+    }
+    finish(fields, offset, false)
+}
+
+fn finish(
+    fields: Vec<Field<'_>>,
+    body_start: usize,
+    has_separator: bool,
+) -> Result<HeaderSection<'_>, ParseError> {
+    if fields.is_empty() {
+        return Err(ParseError::NoHeaders);
+    }
+    Ok(HeaderSection {
+        fields,
+        body_start,
+        has_separator,
+    })
+}
+
+/// What a message says about itself (the WIT `message-summary`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub from: Vec<String>,
+    pub sender: Option<String>,
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub bcc: Vec<String>,
+    pub subject: Option<String>,
+    pub message_id: Option<String>,
+    pub date: Option<String>,
+    pub size: u64,
+    pub header_bytes: u64,
+    pub has_eight_bit: bool,
+    pub has_utf8_headers: bool,
+    pub long_lines: u32,
+    pub longest_line: u32,
+    pub bare_line_endings: bool,
+    pub has_pickup_envelope: bool,
+}
+
+/// A parsed file: the pickup envelope, the message proper and its headers.
+pub struct Parsed<'a> {
+    /// The `x-sender`/`x-receiver` lines, when present.
+    pub pickup: Option<PickupEnvelope>,
+    /// The message after the pickup lines.
+    pub message: &'a [u8],
+    /// Its header section.
+    pub headers: HeaderSection<'a>,
+    /// Its header section as mail-parser reads it.
+    pub parsed: mail_parser::Message<'a>,
+}
+
+/// Parse a raw pickup file: reject empty files and NUL bytes, split the
+/// pickup lines, find the header section and parse it.
+pub fn parse(raw: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Err(ParseError::Empty);
+    }
+    if let Some(offset) = raw.iter().position(|&b| b == 0) {
+        return Err(ParseError::NulByte(offset as u64));
+    }
+    let (pickup, message) = split_pickup_lines(raw)?;
+    let headers = header_section(message)?;
+    let header_bytes = message.get(..headers.body_start).unwrap_or(message);
+    let parsed = MessageParser::new()
+        .parse_headers(header_bytes)
+        .ok_or(ParseError::NoHeaders)?;
+    Ok(Parsed {
+        pickup,
+        message,
+        headers,
+        parsed,
+    })
+}
+
+/// Every address in every occurrence of a header.
+pub fn addresses(message: &mail_parser::Message<'_>, name: HeaderName<'static>) -> Vec<String> {
+    message
+        .header_values(name)
+        .filter_map(|value| value.as_address())
+        .flat_map(|list| list.iter())
+        .filter_map(|addr| addr.address())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Build the summary of a raw file.
+pub fn summarize(raw: &[u8]) -> Result<Summary, ParseError> {
+    let parsed = parse(raw)?;
+    let stats = line_stats(raw);
+    let header_bytes = parsed
+        .message
+        .get(..parsed.headers.body_start)
+        .unwrap_or_default();
+    let message = &parsed.parsed;
+    Ok(Summary {
+        from: addresses(message, HeaderName::From),
+        sender: addresses(message, HeaderName::Sender).into_iter().next(),
+        to: addresses(message, HeaderName::To),
+        cc: addresses(message, HeaderName::Cc),
+        bcc: addresses(message, HeaderName::Bcc),
+        subject: message.subject().map(str::to_string),
+        message_id: message.message_id().map(str::to_string),
+        date: message
+            .header_raw(HeaderName::Date)
+            .map(|d| d.trim().to_string()),
+        size: raw.len() as u64,
+        header_bytes: header_bytes.len() as u64,
+        has_eight_bit: stats.has_eight_bit,
+        has_utf8_headers: !header_bytes.is_ascii(),
+        long_lines: stats.long_lines,
+        longest_line: stats.longest_line,
+        bare_line_endings: stats.bare_line_endings,
+        has_pickup_envelope: parsed.pickup.is_some(),
+    })
+}
+
+/// Rewrite every line ending as CRLF.
+pub fn to_crlf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 50 + 2);
+    for (content, _) in lines(bytes) {
+        out.extend_from_slice(content);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_on_every_kind_of_ending() {
+        let got: Vec<_> = lines(b"a\r\nb\nc\rd").map(|(c, _)| c.to_vec()).collect();
+        assert_eq!(
+            got,
+            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]
+        );
+    }
+
+    #[test]
+    fn pickup_lines_are_split_off() {
+        let raw = b"x-sender: <a@example.com>\r\nX-Receiver: b@example.org\r\nx-receiver: c@example.net\r\nFrom: a@example.com\r\n\r\nbody\r\n";
+        let (env, rest) = split_pickup_lines(raw).unwrap();
+        let env = env.unwrap();
+        assert_eq!(env.sender.as_deref(), Some("a@example.com"));
+        assert_eq!(env.recipients, vec!["b@example.org", "c@example.net"]);
+        assert!(rest.starts_with(b"From:"));
+    }
+
+    #[test]
+    fn bad_pickup_line_is_an_error() {
+        assert!(matches!(
+            split_pickup_lines(b"x-receiver: nobody\r\n\r\n"),
+            Err(ParseError::BadPickupLine(_))
+        ));
+    }
+
+    #[test]
+    fn header_section_handles_folding_and_missing_separator() {
+        let section =
+            header_section(b"Subject: a\r\n  b\r\nTo: x@y.z\r\nnot a header\r\nmore").unwrap();
+        assert_eq!(section.fields.len(), 2);
+        assert_eq!(section.fields[0].lines.len(), 2);
+        assert!(!section.has_separator);
+        assert_eq!(section.body_start, 28);
+        assert_eq!(header_section(b"just text\n"), Err(ParseError::NoHeaders));
+    }
+
+    #[test]
+    fn summary_reports_what_a_relay_needs() {
+        let raw = "From: A <a@example.com>\nTo: b@example.org, c@example.org\nBcc: d@example.net\nSubject: h\u{e9}llo\n\nbody\r\n";
+        let s = summarize(raw.as_bytes()).unwrap();
+        assert_eq!(s.from, vec!["a@example.com"]);
+        assert_eq!(s.to, vec!["b@example.org", "c@example.org"]);
+        assert_eq!(s.bcc, vec!["d@example.net"]);
+        assert!(s.has_eight_bit && s.has_utf8_headers && s.bare_line_endings);
+        assert_eq!(s.subject.as_deref(), Some("h\u{e9}llo"));
+    }
+
+    #[test]
+    fn nul_and_empty_are_refused() {
+        assert_eq!(summarize(b"").unwrap_err(), ParseError::Empty);
+        assert_eq!(
+            summarize(b"From: a@b.c\r\n\r\nx\0y").unwrap_err(),
+            ParseError::NulByte(16)
+        );
+    }
+
+    #[test]
+    fn long_lines_are_counted() {
+        let mut raw = b"From: a@b.c\r\n\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'x', 1200));
+        raw.extend_from_slice(b"\r\n");
+        let stats = line_stats(&raw);
+        assert_eq!((stats.long_lines, stats.longest_line), (1, 1200));
+    }
+
+    #[test]
+    fn crlf_normalisation() {
+        assert_eq!(to_crlf(b"a\nb\r\nc\rd"), b"a\r\nb\r\nc\r\nd\r\n");
+    }
+}

@@ -1,0 +1,442 @@
+//! The relay stages against a scripted host: DNS answers from a table and SMTP
+//! servers simulated in memory, so every branch of the dialogue is reachable
+//! without a network. The end-to-end tests in `tests/` cover the real peers.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::*;
+use crate::route::MxRecord;
+use crate::smtp::SocketError;
+
+/// A simulated SMTP server: replies chosen by a rule per command verb.
+#[derive(Default)]
+struct Server {
+    greeting: String,
+    /// Reply overrides: (command prefix, reply).
+    rules: Vec<(String, String)>,
+    extensions: Vec<String>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    in_data: bool,
+    commands: Vec<String>,
+    messages: Vec<Vec<u8>>,
+}
+
+impl Server {
+    fn new() -> Self {
+        Server {
+            greeting: "220 mx ready".into(),
+            extensions: vec!["PIPELINING".into(), "8BITMIME".into()],
+            ..Self::default()
+        }
+    }
+
+    fn reply_for(&self, command: &str) -> String {
+        if let Some((_, reply)) = self
+            .rules
+            .iter()
+            .find(|(prefix, _)| command.to_ascii_uppercase().starts_with(prefix.as_str()))
+        {
+            return reply.clone();
+        }
+        let verb = command
+            .split([' ', ':'])
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        match verb.as_str() {
+            "EHLO" => {
+                let mut lines = vec!["250-mx hello".to_string()];
+                lines.extend(self.extensions.iter().map(|e| format!("250-{e}")));
+                let last = lines.pop().unwrap().replacen("250-", "250 ", 1);
+                lines.push(last);
+                lines.join("\r\n")
+            }
+            "DATA" => "354 go ahead".into(),
+            "QUIT" => "221 bye".into(),
+            _ => "250 2.0.0 ok".into(),
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.input.extend_from_slice(data);
+        loop {
+            if self.in_data {
+                let Some(end) = self.input.windows(5).position(|w| w == b"\r\n.\r\n") else {
+                    return;
+                };
+                let message: Vec<u8> = self.input.drain(..end + 5).collect();
+                self.messages.push(message[..message.len() - 3].to_vec());
+                self.in_data = false;
+                let reply = self.reply_for("END-OF-DATA");
+                self.output
+                    .extend_from_slice(format!("{reply}\r\n").as_bytes());
+                continue;
+            }
+            let Some(end) = self.input.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let line: Vec<u8> = self.input.drain(..end + 2).collect();
+            let command = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+            let reply = self.reply_for(&command);
+            if command == "DATA" && reply.starts_with("354") {
+                self.in_data = true;
+            }
+            self.commands.push(command);
+            self.output
+                .extend_from_slice(format!("{reply}\r\n").as_bytes());
+        }
+    }
+}
+
+struct FakeConn(Rc<RefCell<Server>>);
+
+impl Connection for FakeConn {
+    fn send(&mut self, data: &[u8], _: u32) -> Result<(), SocketError> {
+        self.0.borrow_mut().feed(data);
+        Ok(())
+    }
+    fn receive(&mut self, _: u32) -> Result<Vec<u8>, SocketError> {
+        let out = std::mem::take(&mut self.0.borrow_mut().output);
+        if out.is_empty() {
+            Err(SocketError::TimedOut)
+        } else {
+            Ok(out)
+        }
+    }
+    fn start_tls(&mut self, _: &str, _: bool, _: u32) -> Result<(), SocketError> {
+        Err(SocketError::Tls("not simulated".into()))
+    }
+}
+
+#[derive(Default)]
+struct FakeHost {
+    files: HashMap<String, Vec<u8>>,
+    mx: HashMap<String, MxAnswer>,
+    ips: HashMap<String, AddressAnswer>,
+    servers: HashMap<String, Rc<RefCell<Server>>>,
+    connects: Vec<String>,
+    logs: Vec<String>,
+}
+
+impl FakeHost {
+    fn server(&mut self, address: &str) -> Rc<RefCell<Server>> {
+        self.servers
+            .entry(address.to_string())
+            .or_insert_with(|| Rc::new(RefCell::new(Server::new())))
+            .clone()
+    }
+    fn mx(&mut self, domain: &str, records: &[(u16, &str)]) {
+        let records = records
+            .iter()
+            .map(|(p, e)| MxRecord {
+                preference: *p,
+                exchange: e.to_string(),
+            })
+            .collect();
+        self.mx
+            .insert(domain.to_string(), MxAnswer::Records(records));
+    }
+    fn ip(&mut self, host: &str, address: &str) {
+        self.ips.insert(
+            host.to_string(),
+            AddressAnswer::Addresses(vec![address.to_string()]),
+        );
+    }
+}
+
+impl Capabilities for FakeHost {
+    type Conn = FakeConn;
+    fn read_queue_file(&mut self, name: &str) -> Result<Vec<u8>, ReadError> {
+        self.files
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ReadError::Unavailable("no such file".into()))
+    }
+    fn lookup_mx(&mut self, domain: &str) -> MxAnswer {
+        self.mx.get(domain).cloned().unwrap_or(MxAnswer::NxDomain)
+    }
+    fn lookup_ip(&mut self, host: &str) -> AddressAnswer {
+        self.ips
+            .get(host)
+            .cloned()
+            .unwrap_or(AddressAnswer::NxDomain)
+    }
+    fn connect(&mut self, address: &str, _: u16, _: u32) -> Result<FakeConn, SocketError> {
+        self.connects.push(address.to_string());
+        match self.servers.get(address) {
+            Some(server) => {
+                let greeting = server.borrow().greeting.clone();
+                server
+                    .borrow_mut()
+                    .output
+                    .extend_from_slice(format!("{greeting}\r\n").as_bytes());
+                Ok(FakeConn(server.clone()))
+            }
+            None => Err(SocketError::Refused("nothing listens".into())),
+        }
+    }
+    fn now_ms(&mut self) -> u64 {
+        0
+    }
+    fn log(&mut self, _: Level, message: &str) {
+        self.logs.push(message.to_string());
+    }
+}
+
+fn options() -> Options {
+    Options {
+        hostname: "relay.test".into(),
+        smtp_port: 25,
+        limits: Limits::default(),
+        timeouts: Timeouts::default(),
+    }
+}
+
+fn rcpts(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+const MESSAGE: &[u8] = b"From: s@src.test\r\nTo: a@one.test\r\n\r\n.leading dot\r\nbody\r\n";
+
+fn host_with_message() -> FakeHost {
+    let mut host = FakeHost::default();
+    host.files.insert("Q1.eml".into(), MESSAGE.to_vec());
+    host
+}
+
+fn delivered(outcome: &RecipientOutcome) -> bool {
+    matches!(outcome.result, RecipientResult::Delivered(_))
+}
+
+fn failure(outcome: &RecipientOutcome) -> &Failure {
+    match &outcome.result {
+        RecipientResult::NotDelivered(f) => f,
+        RecipientResult::Delivered(reply) => panic!("unexpectedly delivered: {reply}"),
+    }
+}
+
+#[test]
+fn accept_derives_envelope_and_cleans_up() {
+    let mut host = FakeHost::default();
+    host.files.insert(
+        "f".into(),
+        b"x-sender: s@src.test\nx-receiver: a@one.test\nFrom: s@src.test\nBcc: a@one.test\n\nhi\n"
+            .to_vec(),
+    );
+    let accepted = accept(&mut host, "f", "Q1", &options()).unwrap();
+    assert_eq!(accepted.envelope.recipients, vec!["a@one.test"]);
+    let text = String::from_utf8(accepted.message).unwrap();
+    assert!(text.starts_with("Received: from pickup by relay.test (mailroot) id Q1;"));
+    assert!(!text.contains("x-sender") && !text.contains("Bcc"));
+    assert!(accepted.warnings.iter().any(|w| w.contains("Date")));
+}
+
+#[test]
+fn accept_rejects_and_defers() {
+    let mut host = FakeHost::default();
+    host.files
+        .insert("bad".into(), b"no headers at all\n".to_vec());
+    let rejection = accept(&mut host, "bad", "Q1", &options()).unwrap_err();
+    assert_eq!(
+        (rejection.code.as_str(), rejection.temporary),
+        ("unparseable", false)
+    );
+    let missing = accept(&mut host, "missing", "Q1", &options()).unwrap_err();
+    assert!(missing.temporary);
+}
+
+#[test]
+fn two_domains_two_transactions_with_dot_stuffing() {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.mx("two.test", &[(10, "mx.two.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    host.ip("mx.two.test", "127.0.0.2");
+    let one = host.server("127.0.0.1");
+    let two = host.server("127.0.0.2");
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test", "b@two.test"]),
+        &options(),
+    );
+    assert!(outcomes.iter().all(delivered), "{outcomes:?}");
+    assert_eq!(one.borrow().messages.len(), 1);
+    assert_eq!(two.borrow().messages.len(), 1);
+    assert!(
+        one.borrow()
+            .commands
+            .contains(&"RCPT TO:<a@one.test>".to_string())
+    );
+    assert!(
+        !one.borrow()
+            .commands
+            .iter()
+            .any(|c| c.contains("b@two.test"))
+    );
+    assert_eq!(one.borrow().commands[1], "MAIL FROM:<s@src.test>");
+    assert!(one.borrow().messages[0].ends_with(b"\r\n..leading dot\r\nbody\r\n"));
+}
+
+#[test]
+fn mx_order_and_fallback_on_refusal_and_4xx() {
+    let mut host = host_with_message();
+    host.mx(
+        "one.test",
+        &[
+            (20, "backup.one.test"),
+            (10, "down.one.test"),
+            (15, "busy.one.test"),
+        ],
+    );
+    host.ip("down.one.test", "127.0.0.1");
+    host.ip("busy.one.test", "127.0.0.2");
+    host.ip("backup.one.test", "127.0.0.3");
+    host.server("127.0.0.2").borrow_mut().greeting = "421 too busy".into();
+    let backup = host.server("127.0.0.3");
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &options(),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    assert_eq!(host.connects, vec!["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    assert_eq!(backup.borrow().messages.len(), 1);
+}
+
+#[test]
+fn per_recipient_results() {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    server.borrow_mut().rules = vec![
+        ("RCPT TO:<GONE@".into(), "550 5.1.1 no such user".into()),
+        ("RCPT TO:<LATER@".into(), "451 4.3.0 try later".into()),
+    ];
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "",
+        &rcpts(&["ok@one.test", "gone@one.test", "later@one.test"]),
+        &options(),
+    );
+    assert!(delivered(&outcomes[0]));
+    assert_eq!(
+        (
+            failure(&outcomes[1]).permanent,
+            failure(&outcomes[1]).status.as_str()
+        ),
+        (true, "5.1.1")
+    );
+    assert!(
+        failure(&outcomes[1])
+            .text
+            .contains("550 5.1.1 no such user")
+    );
+    assert_eq!(
+        (
+            failure(&outcomes[2]).permanent,
+            failure(&outcomes[2]).status.as_str()
+        ),
+        (false, "4.3.0")
+    );
+    assert_eq!(server.borrow().commands[1], "MAIL FROM:<>");
+}
+
+#[test]
+fn helo_fallback_without_pipelining() {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    server.borrow_mut().rules = vec![("EHLO".into(), "502 5.5.1 what".into())];
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &options(),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    let commands = server.borrow().commands.clone();
+    assert_eq!(
+        &commands[..4],
+        &[
+            "EHLO relay.test",
+            "HELO relay.test",
+            "MAIL FROM:<s@src.test>",
+            "RCPT TO:<a@one.test>"
+        ]
+    );
+}
+
+#[test]
+fn dns_outcomes() {
+    let mut host = host_with_message();
+    host.mx("null.test", &[(0, ".")]);
+    host.mx
+        .insert("fail.test".into(), MxAnswer::Temporary("SERVFAIL".into()));
+    host.mx.insert("aonly.test".into(), MxAnswer::NoRecords);
+    host.ip("aonly.test", "127.0.0.9");
+    let aonly = host.server("127.0.0.9");
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@null.test", "b@nx.test", "c@fail.test", "d@aonly.test"]),
+        &options(),
+    );
+    assert_eq!(failure(&outcomes[0]).status, "5.1.10");
+    assert_eq!(failure(&outcomes[1]).status, "5.1.2");
+    assert!(!failure(&outcomes[2]).permanent);
+    assert!(delivered(&outcomes[3]));
+    assert_eq!(host.connects, vec!["127.0.0.9"]);
+    assert_eq!(aonly.borrow().messages.len(), 1);
+}
+
+#[test]
+fn eight_bit_to_a_seven_bit_server_is_refused_not_altered() {
+    let mut host = FakeHost::default();
+    host.files.insert(
+        "Q1.eml".into(),
+        "From: s@src.test\r\n\r\ncaf\u{e9}\r\n".as_bytes().to_vec(),
+    );
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    host.server("127.0.0.1").borrow_mut().extensions = vec!["PIPELINING".into()];
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &options(),
+    );
+    assert_eq!(failure(&outcomes[0]).status, "5.6.3");
+}
+
+#[test]
+fn garbage_and_silence_are_temporary() {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    host.server("127.0.0.1").borrow_mut().greeting = "HELLO I AM NOT SMTP".into();
+    let outcomes = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &options(),
+    );
+    assert!(!failure(&outcomes[0]).permanent);
+    assert!(
+        failure(&outcomes[0]).text.contains("protocol error"),
+        "{outcomes:?}"
+    );
+}

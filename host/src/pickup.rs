@@ -1,0 +1,218 @@
+//! The pickup stage: claim finished files from Pickup by an atomic rename
+//! into the queue, then let the component accept them (Postfix's pickup and
+//! cleanup).
+//!
+//! A file is left alone while it is still being written: when it changed
+//! within the settle time, or when another process holds it open for
+//! writing (detected with a Linux read lease, which the kernel refuses while
+//! any writer has the file open). Writers that write then rename, or use
+//! hidden or `.tmp` names meanwhile, never race with the relay.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::badmail::{self, Reason};
+use crate::logging;
+use crate::mailroot::{Entry, Folder};
+use crate::queue::{self, Control, Recipient, State, new_queue_id, sync_dir};
+use crate::relay::Relay;
+
+/// A pickup file moved into the queue, not yet accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub queue_id: String,
+    /// The name it had in Pickup.
+    pub original: String,
+    /// Its name in the Queue folder.
+    pub file: String,
+}
+
+impl Claimed {
+    /// A claimed file found in the queue (left by a crash or claimed earlier).
+    pub fn from_queue_name(file: &str) -> Option<Self> {
+        let (queue_id, original) = queue::parse_claimed(file)?;
+        Some(Claimed {
+            queue_id,
+            original,
+            file: file.to_string(),
+        })
+    }
+}
+
+/// True when some process has `file` open for writing. Filesystems without
+/// lease support answer as if nobody had: the settle time still applies.
+fn open_for_writing_elsewhere(file: &File) -> bool {
+    // SAFETY: fcntl on a descriptor we own; F_SETLEASE takes an int argument.
+    let taken = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if taken == 0 {
+        // SAFETY: as above; releasing the lease we just took.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        return false;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+}
+
+/// Claim every finished file in Pickup.
+pub fn claim_pickup_files(relay: &Relay) -> io::Result<Vec<Claimed>> {
+    let mailroot = &relay.mailroot;
+    let now_ms = relay.clock.now_ms();
+    let settle_ms = u64::try_from(relay.settings.settle_time.as_millis()).unwrap_or(u64::MAX);
+    let mut claimed = Vec::new();
+    for entry in mailroot.scan(Folder::Pickup)? {
+        if entry.modified_ms.saturating_add(settle_ms) > now_ms {
+            continue;
+        }
+        match claim_one(relay, &entry, now_ms) {
+            Ok(Some(c)) => claimed.push(c),
+            Ok(None) => {}
+            Err(e) => logging::warn(&format!("cannot claim Pickup/{}: {e}", entry.name)),
+        }
+    }
+    if !claimed.is_empty() {
+        sync_dir(&mailroot.dir(Folder::Queue))?;
+        sync_dir(&mailroot.dir(Folder::Pickup))?;
+    }
+    Ok(claimed)
+}
+
+fn claim_one(relay: &Relay, entry: &Entry, now_ms: u64) -> io::Result<Option<Claimed>> {
+    let mailroot = &relay.mailroot;
+    let source = mailroot
+        .file(Folder::Pickup, &entry.name)
+        .map_err(io::Error::other)?;
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&source)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if open_for_writing_elsewhere(&file) {
+        logging::debug(&format!(
+            "Pickup/{} is still open for writing; left for later",
+            entry.name
+        ));
+        return Ok(None);
+    }
+    let queue_id = new_queue_id(now_ms);
+    let name = queue::claimed_file(&queue_id, &entry.name);
+    match fs::rename(&source, mailroot.dir(Folder::Queue).join(&name)) {
+        // Another relay on the same mailroot was faster.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+        Ok(()) => {
+            logging::info(&format!(
+                "{queue_id}: claimed Pickup/{} ({} bytes)",
+                entry.name, entry.size
+            ));
+            Ok(Some(Claimed {
+                queue_id,
+                original: entry.name.clone(),
+                file: name,
+            }))
+        }
+    }
+}
+
+/// What became of a claimed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    /// Committed to the queue.
+    Queued,
+    /// Refused: now in Badmail.
+    Rejected,
+    /// Left in place for the next pass.
+    Retry,
+}
+
+/// Let the component accept a claimed file; commit it, or send it to Badmail.
+pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
+    let now_ms = relay.clock.now_ms();
+    let id = &claimed.queue_id;
+    let rejected = |code: &str, text: String| {
+        logging::warn(&format!(
+            "{id}: Pickup/{} rejected ({code}): {text}",
+            claimed.original
+        ));
+        let reason = Reason::new(&claimed.original, Some(id), code, text, now_ms);
+        match badmail::move_to_badmail(&relay.mailroot, Folder::Queue, &claimed.file, &reason) {
+            Ok(_) => {
+                let _ = relay.queue.clear_component_failures(id);
+                Acceptance::Rejected
+            }
+            Err(e) => {
+                logging::error(&format!(
+                    "{id}: cannot move to Badmail, kept in the queue: {e}"
+                ));
+                Acceptance::Retry
+            }
+        }
+    };
+    let accepted = match relay.runtime.accept(&claimed.file, id, &relay.options) {
+        Err(e) => {
+            logging::error(&format!("{id}: {e}; the file stays queued"));
+            if relay.component_failed(id) {
+                return rejected(
+                    "component-failed",
+                    format!("the relay component failed on this message repeatedly: {e}"),
+                );
+            }
+            return Acceptance::Retry;
+        }
+        Ok(Err(rejection)) if rejection.temporary => {
+            logging::warn(&format!("{id}: {}; will try again", rejection.text));
+            return Acceptance::Retry;
+        }
+        Ok(Err(rejection)) => return rejected(&rejection.code, rejection.text),
+        Ok(Ok(accepted)) => accepted,
+    };
+    for warning in &accepted.warnings {
+        logging::info(&format!("{id}: {warning}"));
+    }
+    let control = Control {
+        queue_id: id.clone(),
+        original_name: claimed.original.clone(),
+        sender: accepted.envelope.sender.clone(),
+        recipients: accepted
+            .envelope
+            .recipients
+            .iter()
+            .map(|address| Recipient {
+                address: address.clone(),
+                state: State::Pending,
+                status: None,
+                last_reply: None,
+                remote_mta: None,
+            })
+            .collect(),
+        attempts: 0,
+        first_seen_ms: now_ms,
+        next_attempt_ms: now_ms,
+    };
+    let committed = relay
+        .queue
+        .commit(&control, &accepted.message)
+        .and_then(|()| relay.queue.remove_claimed(&claimed.file))
+        .and_then(|()| relay.queue.clear_component_failures(id));
+    match committed {
+        Ok(()) => {
+            logging::info(&format!(
+                "{id}: from=<{}> nrcpt={} size={}",
+                control.sender,
+                control.recipients.len(),
+                accepted.message.len()
+            ));
+            Acceptance::Queued
+        }
+        Err(e) => {
+            logging::error(&format!(
+                "{id}: cannot write the queue files: {e}; will try again"
+            ));
+            Acceptance::Retry
+        }
+    }
+}

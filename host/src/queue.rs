@@ -1,0 +1,256 @@
+//! The durable queue: the only state shared between stages.
+//!
+//! Each message is `Queue/ID.eml` (the cleaned message, as transmitted) plus
+//! `Queue/ID.json` (the [`Control`] record: envelope, per-recipient state,
+//! attempts, times). Both are written to a temporary name, fsynced, renamed
+//! into place and the directory fsynced; the control file is written last,
+//! so its presence is the commit point. A claimed pickup file,
+//! `Queue/ID-NAME.claimed`, exists until its message is committed; after a
+//! crash it is simply accepted again.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::mailroot::{Folder, Mailroot};
+
+/// Suffix of claimed, not yet accepted pickup files.
+pub const CLAIMED_SUFFIX: &str = ".claimed";
+
+/// Delivery state of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// One recipient and what happened to it so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub address: String,
+    pub state: State,
+    /// Enhanced status code of the last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The last reply or failure text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_mta: Option<String>,
+}
+
+/// The control record of a queued message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    pub queue_id: String,
+    /// The name the file had in Pickup.
+    pub original_name: String,
+    /// Reverse path; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub attempts: u32,
+    pub first_seen_ms: u64,
+    pub next_attempt_ms: u64,
+}
+
+impl Control {
+    /// Recipients still to be delivered.
+    pub fn pending(&self) -> Vec<String> {
+        self.recipients
+            .iter()
+            .filter(|r| r.state == State::Pending)
+            .map(|r| r.address.clone())
+            .collect()
+    }
+}
+
+/// A new queue id: the time in milliseconds and a per-process sequence, as
+/// 16 upper-case hex digits, so ids sort by arrival and never contain `-` or `.`.
+pub fn new_queue_id(now_ms: u64) -> String {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let mixed = (sequence ^ (std::process::id() << 12)) & 0xF_FFFF;
+    format!("{:011X}{mixed:05X}", now_ms & 0xFFF_FFFF_FFFF)
+}
+
+/// File names of a queued message.
+pub fn message_file(queue_id: &str) -> String {
+    format!("{queue_id}.eml")
+}
+pub fn control_file(queue_id: &str) -> String {
+    format!("{queue_id}.json")
+}
+
+/// Component failures counted for a message (see [`Queue::record_component_failure`]).
+pub fn failures_file(queue_id: &str) -> String {
+    format!("{queue_id}.failures")
+}
+
+/// The claimed name of a pickup file: `ID-NAME.claimed`, cut to fit 255 bytes.
+pub fn claimed_file(queue_id: &str, original: &str) -> String {
+    let mut name = original.to_string();
+    while queue_id.len() + 1 + name.len() + CLAIMED_SUFFIX.len() > 255 {
+        name.pop();
+    }
+    format!("{queue_id}-{name}{CLAIMED_SUFFIX}")
+}
+
+/// The queue id and original name of a claimed file name.
+pub fn parse_claimed(name: &str) -> Option<(String, String)> {
+    let stem = name.strip_suffix(CLAIMED_SUFFIX)?;
+    let (id, original) = stem.split_once('-')?;
+    Some((id.to_string(), original.to_string()))
+}
+
+/// fsync a directory, so that renames and unlinks in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write `bytes` as `dir/name` atomically and durably (temp file, fsync,
+/// rename); the caller fsyncs the directory once for a batch of writes.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let temp = dir.join(format!(".{name}.tmp"));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&temp, dir.join(name))
+}
+
+/// The queue folder.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    mailroot: Mailroot,
+}
+
+impl Queue {
+    pub fn new(mailroot: Mailroot) -> Self {
+        Queue { mailroot }
+    }
+
+    fn dir(&self) -> std::path::PathBuf {
+        self.mailroot.dir(Folder::Queue)
+    }
+
+    /// Commit a new message: message file first, control file last.
+    pub fn commit(&self, control: &Control, message: &[u8]) -> io::Result<()> {
+        let dir = self.dir();
+        write_atomic(&dir, &message_file(&control.queue_id), message)?;
+        self.write_control(control)
+    }
+
+    /// Rewrite the control record after an attempt.
+    pub fn write_control(&self, control: &Control) -> io::Result<()> {
+        let dir = self.dir();
+        let json = serde_json::to_vec_pretty(control).map_err(io::Error::other)?;
+        write_atomic(&dir, &control_file(&control.queue_id), &json)?;
+        sync_dir(&dir)
+    }
+
+    /// Read a control record.
+    pub fn load(&self, queue_id: &str) -> io::Result<Control> {
+        let bytes = self
+            .mailroot
+            .read(Folder::Queue, &control_file(queue_id), 16 << 20)
+            .map_err(io::Error::other)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| io::Error::other(format!("{}: {e}", control_file(queue_id))))
+    }
+
+    /// Queue ids with a control record, and claimed files awaiting acceptance.
+    pub fn scan(&self) -> io::Result<(Vec<String>, Vec<String>)> {
+        let mut queued = Vec::new();
+        let mut claimed = Vec::new();
+        for entry in self.mailroot.scan(Folder::Queue)? {
+            if let Some(id) = entry.name.strip_suffix(".json") {
+                queued.push(id.to_string());
+            } else if entry.name.ends_with(CLAIMED_SUFFIX) {
+                claimed.push(entry.name);
+            }
+        }
+        queued.sort();
+        Ok((queued, claimed))
+    }
+
+    /// Remove a finished message: the control file first, so a crash in
+    /// between leaves an orphan message file, never a control without message.
+    pub fn remove(&self, queue_id: &str) -> io::Result<()> {
+        let dir = self.dir();
+        remove_if_present(&dir.join(control_file(queue_id)))?;
+        remove_if_present(&dir.join(message_file(queue_id)))?;
+        remove_if_present(&dir.join(failures_file(queue_id)))?;
+        sync_dir(&dir)
+    }
+
+    /// Count one more component failure (trap or CPU stop) on `queue_id`;
+    /// returns the count so far. Kept on disk so that a restart does not
+    /// reset it.
+    pub fn record_component_failure(&self, queue_id: &str) -> io::Result<u32> {
+        let name = failures_file(queue_id);
+        let count = self
+            .mailroot
+            .read(Folder::Queue, &name, 64)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            .saturating_add(1);
+        write_atomic(&self.dir(), &name, count.to_string().as_bytes())?;
+        Ok(count)
+    }
+
+    /// Forget the component failures of `queue_id`.
+    pub fn clear_component_failures(&self, queue_id: &str) -> io::Result<()> {
+        remove_if_present(&self.dir().join(failures_file(queue_id)))
+    }
+
+    /// Remove a claimed pickup file once its message is committed.
+    pub fn remove_claimed(&self, claimed: &str) -> io::Result<()> {
+        let dir = self.dir();
+        remove_if_present(&dir.join(claimed))?;
+        sync_dir(&dir)
+    }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_ids_sort_by_time_and_differ() {
+        let a = new_queue_id(1_000);
+        let b = new_queue_id(1_000);
+        let c = new_queue_id(2_000);
+        assert_ne!(a, b);
+        assert!(a < c && b < c);
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains(['-', '.']));
+    }
+
+    #[test]
+    fn claimed_names_round_trip_and_fit() {
+        let name = claimed_file("0123456789ABCDEF", "report-1.eml");
+        assert_eq!(
+            parse_claimed(&name),
+            Some(("0123456789ABCDEF".into(), "report-1.eml".into()))
+        );
+        let long = claimed_file("0123456789ABCDEF", &"x".repeat(300));
+        assert!(long.len() <= 255);
+    }
+}

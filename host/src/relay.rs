@@ -1,0 +1,278 @@
+//! The relay: the stages around the queue, run in passes.
+//!
+//! A pass accepts claimed files (crash leftovers first), claims new files
+//! from Pickup, accepts them, and attempts delivery of every queued message
+//! that is due. Work is spread over `workers` threads; each message gets its
+//! own component instance, so one slow destination holds one worker only.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::clock::{Clock, SystemClock};
+use crate::delivery::{self, Attempt};
+use crate::dns::Resolver;
+use crate::logging;
+use crate::mailroot::Mailroot;
+use crate::pickup::{self, Acceptance, Claimed};
+use crate::queue::Queue;
+use crate::runtime::bindings::exports::mailroot::relay::stages::{RelayOptions, Timeouts};
+use crate::runtime::bindings::mailroot::relay::types::Limits;
+use crate::runtime::{Capabilities, Runtime};
+use crate::settings::Settings;
+use crate::sockets::TlsSettings;
+
+/// The relay component built into this binary (the `relay` world).
+pub const RELAY_COMPONENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mailroot_relay.wasm"));
+/// The plug-in component (the `plugin` world: pure functions, WASI only).
+pub const PLUGIN_COMPONENT: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/mailroot_plugin.wasm"));
+
+/// Why the relay could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Mailroot(std::io::Error),
+    Resolver(std::io::Error),
+    Tls(std::io::Error),
+    ComponentFile(std::path::PathBuf, std::io::Error),
+    Component(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Mailroot(e) => write!(f, "cannot open the mailroot: {e}"),
+            StartError::Resolver(e) => write!(f, "cannot set up DNS: {e}"),
+            StartError::Tls(e) => write!(f, "cannot load the TLS trust store: {e}"),
+            StartError::ComponentFile(path, e) => {
+                write!(f, "cannot read the component {}: {e}", path.display())
+            }
+            StartError::Component(e) => write!(f, "cannot load the component: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// What a pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub claimed: usize,
+    pub queued: usize,
+    pub rejected: usize,
+    pub delivered: usize,
+    pub failed: usize,
+    pub deferred: usize,
+    /// Files and messages left for a later pass because of an error.
+    pub retry: usize,
+}
+
+impl PassReport {
+    /// Nothing was rejected, failed, deferred or left behind.
+    pub fn all_delivered(&self) -> bool {
+        self.rejected == 0 && self.failed == 0 && self.deferred == 0 && self.retry == 0
+    }
+
+    fn add(&mut self, other: &PassReport) {
+        self.claimed += other.claimed;
+        self.queued += other.queued;
+        self.rejected += other.rejected;
+        self.delivered += other.delivered;
+        self.failed += other.failed;
+        self.deferred += other.deferred;
+        self.retry += other.retry;
+    }
+}
+
+/// A running relay on one mailroot.
+pub struct Relay {
+    pub(crate) settings: Settings,
+    pub(crate) mailroot: Mailroot,
+    pub(crate) queue: Queue,
+    pub(crate) runtime: Runtime,
+    pub(crate) options: RelayOptions,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl Relay {
+    /// Open the mailroot (creating its folders) and load the component.
+    pub fn new(settings: Settings) -> Result<Self, StartError> {
+        Self::with_clock(settings, Arc::new(SystemClock))
+    }
+
+    /// As [`Relay::new`], with the clock the component and queue see.
+    pub fn with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        let mailroot = Mailroot::open(&settings.root).map_err(StartError::Mailroot)?;
+        let resolver = match settings.dns_server {
+            Some(server) => Resolver::with_server(server),
+            None => Resolver::from_system().map_err(StartError::Resolver)?,
+        };
+        let tls = TlsSettings::new(settings.ca_file.as_deref()).map_err(StartError::Tls)?;
+        let bytes = match &settings.component {
+            Some(path) => {
+                std::fs::read(path).map_err(|e| StartError::ComponentFile(path.clone(), e))?
+            }
+            None => RELAY_COMPONENT.to_vec(),
+        };
+        let capabilities = Capabilities {
+            mailroot: mailroot.clone(),
+            resolver: Arc::new(resolver),
+            tls,
+            clock: clock.clone(),
+            // Room to read an oversized file and report its size, no more.
+            max_read_bytes: settings
+                .max_message_bytes
+                .saturating_mul(2)
+                .saturating_add(1 << 20),
+        };
+        let started = Instant::now();
+        let runtime = Runtime::new(&bytes, capabilities, settings.component_limits)
+            .map_err(|e| StartError::Component(format!("{e:#}")))?;
+        logging::debug(&format!("component compiled in {:?}", started.elapsed()));
+        let t = &settings.smtp_timeouts;
+        let options = RelayOptions {
+            hostname: settings.hostname.clone(),
+            smtp_port: settings.smtp_port,
+            limits: Limits {
+                max_message_bytes: settings.max_message_bytes,
+                max_recipients: settings.max_recipients,
+            },
+            timeouts: Timeouts {
+                connect: millis(t.connect),
+                greeting: millis(t.greeting),
+                mail: millis(t.mail),
+                rcpt: millis(t.rcpt),
+                data_init: millis(t.data_init),
+                data_block: millis(t.data_block),
+                data_end: millis(t.data_end),
+            },
+        };
+        Ok(Relay {
+            queue: Queue::new(mailroot.clone()),
+            mailroot,
+            runtime,
+            options,
+            clock,
+            settings,
+        })
+    }
+
+    /// The mailroot.
+    pub fn mailroot(&self) -> &Mailroot {
+        &self.mailroot
+    }
+
+    /// Count a component failure on a message; true when it is time to give
+    /// up on it. A count that cannot be stored never gives up: the message
+    /// stays queued rather than be judged on a guess.
+    pub(crate) fn component_failed(&self, queue_id: &str) -> bool {
+        match self.queue.record_component_failure(queue_id) {
+            Ok(count) => count >= self.settings.max_component_failures,
+            Err(e) => {
+                logging::error(&format!(
+                    "{queue_id}: cannot record the component failure: {e}"
+                ));
+                false
+            }
+        }
+    }
+
+    /// One pass over Pickup and the queue. `force` attempts every queued
+    /// message, due or not.
+    pub fn run_pass(&self, force: bool) -> PassReport {
+        let mut report = PassReport::default();
+        let (_, leftovers) = self.queue.scan().unwrap_or_else(|e| {
+            logging::error(&format!("cannot list the queue: {e}"));
+            (Vec::new(), Vec::new())
+        });
+        let mut claimed: Vec<Claimed> = leftovers
+            .iter()
+            .filter_map(|name| Claimed::from_queue_name(name))
+            .collect();
+        match pickup::claim_pickup_files(self) {
+            Ok(new) => {
+                report.claimed = new.len();
+                claimed.extend(new);
+            }
+            Err(e) => logging::error(&format!("cannot scan Pickup: {e}")),
+        }
+        let results = Mutex::new(Vec::new());
+        self.parallel(claimed, |c| {
+            let result = pickup::accept_claimed(self, &c);
+            lock(&results).push(result);
+        });
+        for result in results.into_inner().unwrap_or_default() {
+            match result {
+                Acceptance::Queued => report.queued += 1,
+                Acceptance::Rejected => report.rejected += 1,
+                Acceptance::Retry => report.retry += 1,
+            }
+        }
+        let queued = self.queue.scan().map(|(ids, _)| ids).unwrap_or_default();
+        let attempts = Mutex::new(Vec::new());
+        self.parallel(queued, |id| {
+            let attempt = delivery::attempt_delivery(self, &id, force);
+            lock(&attempts).push(attempt);
+        });
+        for attempt in attempts.into_inner().unwrap_or_default() {
+            match attempt {
+                Attempt::NotDue => {}
+                Attempt::Delivered => report.delivered += 1,
+                Attempt::Failed => report.failed += 1,
+                Attempt::Deferred => report.deferred += 1,
+                Attempt::Error => report.retry += 1,
+            }
+        }
+        report
+    }
+
+    /// Run passes until `stop` is set, then return the totals.
+    pub fn serve(&self, stop: &AtomicBool) -> PassReport {
+        let mut total = PassReport::default();
+        logging::info(&format!(
+            "serving {} as {}",
+            self.mailroot.root().display(),
+            self.settings.hostname
+        ));
+        while !stop.load(Ordering::Relaxed) {
+            let report = self.run_pass(false);
+            total.add(&report);
+            let idle_until = Instant::now() + self.settings.poll_interval;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < idle_until {
+                std::thread::sleep(Duration::from_millis(50).min(self.settings.poll_interval));
+            }
+        }
+        logging::info("stopped");
+        total
+    }
+
+    /// Run `work` on every item with up to `workers` threads.
+    fn parallel<T: Send>(&self, items: Vec<T>, work: impl Fn(T) + Sync) {
+        let workers = self.settings.workers.clamp(1, items.len().max(1));
+        let queue = Mutex::new(VecDeque::from(items));
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    loop {
+                        let Some(item) = lock(&queue).pop_front() else {
+                            break;
+                        };
+                        work(item);
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// A poisoned lock only means another worker panicked; the data is still sound.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

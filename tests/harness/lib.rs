@@ -1,0 +1,381 @@
+//! Real peers for mailroot's end-to-end tests: NSD serving a test zone, and
+//! aiosmtpd recording SMTP servers (`peers/smtp_peer.py`), each on its own
+//! loopback address, plus a scratch mailroot. A missing peer program fails
+//! the test loudly: nothing here is skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dns_check::wait_for_dns;
+
+/// Port every test SMTP server listens on (each on its own address).
+pub const SMTP_PORT: u16 = 2525;
+/// Port of every test DNS server (each on its own address).
+pub const DNS_PORT: u16 = 5300;
+
+/// A fresh loopback address per call, distinct across concurrently running
+/// test processes: 127.<pid-derived>.<n>.<n>.
+pub fn unique_ip() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let block = 16 + (std::process::id() % 200) as u8;
+    Ipv4Addr::new(127, block, (n / 250) as u8, (n % 250 + 2) as u8)
+}
+
+/// A scratch directory, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mailroot-test-{}-{label}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn require(program: &str, hint: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is not installed ({hint}); .ci/run installs it"
+    );
+}
+
+/// Kill a child process and wait for it.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// NSD, authoritative for `test.` with the records given, on its own address.
+pub struct Dns {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: Scratch,
+}
+
+impl Dns {
+    /// Serve `records` (zone-file lines relative to `test.`, such as
+    /// `d1 IN MX 10 mx.d1`). Each name in `broken_zones` (such as
+    /// `servfail.test`) is configured without a zone file, so NSD answers
+    /// SERVFAIL for it, as a real broken zone does.
+    pub fn start(records: &[String], broken_zones: &[&str]) -> Self {
+        require("nsd", "Debian package nsd");
+        let dir = Scratch::new("nsd");
+        let ip = unique_ip();
+        let addr = SocketAddr::from((ip, DNS_PORT));
+        let mut zone = String::from(
+            "$ORIGIN test.\n$TTL 60\n@ IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60\n@ IN NS ns.test.\n",
+        );
+        zone.push_str(&format!("ns IN A {ip}\n"));
+        for record in records {
+            zone.push_str(record);
+            zone.push('\n');
+        }
+        fs::write(dir.0.join("test.zone"), zone).unwrap();
+        let d = dir.0.display();
+        let mut conf = format!(
+            "server:\n  ip-address: {ip}@{DNS_PORT}\n  do-ip6: no\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  xfrdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  logfile: \"{d}/nsd.log\"\n  server-count: 1\nremote-control:\n  control-enable: no\nzone:\n  name: \"test\"\n  zonefile: \"test.zone\"\n"
+        );
+        for broken in broken_zones {
+            conf.push_str(&format!(
+                "zone:\n  name: \"{broken}\"\n  zonefile: \"missing-on-purpose.zone\"\n"
+            ));
+        }
+        fs::write(dir.0.join("nsd.conf"), conf).unwrap();
+        let child = Command::new("nsd")
+            .args(["-d", "-c"])
+            .arg(dir.0.join("nsd.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nsd");
+        let dns = Dns {
+            child,
+            addr,
+            _dir: dir,
+        };
+        wait_for_dns(addr);
+        dns
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+mod dns_check {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    /// Wait until the server answers for `ns.test`.
+    pub fn wait_for_dns(addr: SocketAddr) {
+        let resolver =
+            mailroot::dns::Resolver::with_server(addr).timeout(Duration::from_millis(100));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let mailroot::dns::Answer::Records(_) =
+                resolver.query("ns.test", mailroot::dns::RecordType::A)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the DNS server on {addr} did not come up");
+    }
+}
+
+/// One message as the SMTP server received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub mail_from: String,
+    pub mail_options: Vec<String>,
+    pub rcpt_tos: Vec<String>,
+    /// The DATA content, dot-unstuffed, as bytes.
+    pub data: Vec<u8>,
+}
+
+impl Received {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+/// A recording SMTP server (aiosmtpd) on its own loopback address.
+pub struct SmtpPeer {
+    child: Child,
+    pub ip: Ipv4Addr,
+    dir: Scratch,
+}
+
+impl SmtpPeer {
+    /// Start a server that accepts everything.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra `smtp_peer.py` options (`--mail-reply`, `--rcpt-reply`).
+    pub fn start_with(options: &[&str]) -> Self {
+        require("python3", "python3 with aiosmtpd from PyPI");
+        let dir = Scratch::new("smtp");
+        let ip = unique_ip();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/smtp_peer.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg("--listen")
+            .arg(format!("{ip}:{SMTP_PORT}"))
+            .arg("--out")
+            .arg(&dir.0)
+            .args(options)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.0.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("start python3 smtp_peer.py");
+        let mut peer = SmtpPeer { child, ip, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !peer.dir.0.join("ready").exists() {
+            if let Ok(Some(status)) = peer.child.try_wait() {
+                let log = fs::read_to_string(peer.dir.0.join("stderr.log")).unwrap_or_default();
+                panic!("the SMTP peer exited ({status}); is aiosmtpd installed? {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the SMTP peer on {ip} did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        peer
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.dir.0.join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    /// Connections the server accepted so far.
+    pub fn connections(&self) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "connect")
+            .count()
+    }
+
+    /// Messages the server accepted so far.
+    pub fn messages(&self) -> Vec<Received> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == "message")
+            .map(|e| Received {
+                mail_from: e["mail_from"].as_str().unwrap().to_string(),
+                mail_options: e["mail_options"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.as_str().unwrap().to_string())
+                    .collect(),
+                rcpt_tos: e["rcpt_tos"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_string())
+                    .collect(),
+                data: e["data"]
+                    .as_str()
+                    .unwrap()
+                    .chars()
+                    .map(|c| c as u32 as u8)
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl Drop for SmtpPeer {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// A scratch mailroot and the `mailroot` command line run in-process.
+pub struct TestMailroot {
+    pub root: Scratch,
+    pub dns: SocketAddr,
+}
+
+impl TestMailroot {
+    pub fn new(dns: &Dns) -> Self {
+        TestMailroot {
+            root: Scratch::new("root"),
+            dns: dns.addr,
+        }
+    }
+
+    pub fn dir(&self, folder: &str) -> PathBuf {
+        self.root.0.join(folder)
+    }
+
+    /// Drop a finished file into Pickup, dated in the past so it is settled.
+    pub fn drop_file(&self, name: &str, content: &[u8]) {
+        let pickup = self.dir("Pickup");
+        fs::create_dir_all(&pickup).unwrap();
+        let path = pickup.join(name);
+        fs::write(&path, content).unwrap();
+        backdate(&path);
+    }
+
+    /// The command-line arguments for this mailroot.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--root".into(),
+            self.root.0.display().to_string(),
+            "--once".into(),
+            "--hostname".into(),
+            "relay.test".into(),
+            "--smtp-port".into(),
+            SMTP_PORT.to_string(),
+            "--dns-server".into(),
+            self.dns.to_string(),
+            "--smtp-timeout".into(),
+            "10".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// `mailroot serve --once` with these options; returns the exit status.
+    pub fn run_once(&self, extra: &[&str]) -> u8 {
+        mailroot::cli::run(self.args(extra))
+    }
+
+    /// Sorted file names of a folder.
+    pub fn files(&self, folder: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.dir(folder))
+            .map(|dir| {
+                dir.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// A Badmail reason file, parsed.
+    pub fn reason(&self, name: &str) -> serde_json::Value {
+        let path = self.dir("Badmail").join(format!("{name}.reason.json"));
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; Badmail has {:?}",
+                path.display(),
+                self.files("Badmail")
+            )
+        });
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The control records of the queue.
+    pub fn queued(&self) -> Vec<serde_json::Value> {
+        self.files("Queue")
+            .iter()
+            .filter(|n| n.ends_with(".json"))
+            .map(|n| {
+                serde_json::from_str(&fs::read_to_string(self.dir("Queue").join(n)).unwrap())
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// Set a file's modification time 10 s into the past.
+pub fn backdate(path: &Path) {
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_modified(SystemTime::now() - Duration::from_secs(10))
+        .unwrap();
+}
+
+/// A pickup file with IIS envelope lines.
+pub fn pickup_file(sender: &str, recipients: &[&str], headers_and_body: &str) -> Vec<u8> {
+    let mut text = format!("x-sender: {sender}\r\n");
+    for r in recipients {
+        text.push_str(&format!("x-receiver: {r}\r\n"));
+    }
+    text.push_str(headers_and_body);
+    text.into_bytes()
+}

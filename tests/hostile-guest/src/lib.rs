@@ -1,0 +1,82 @@
+//! A hostile relay component for the host's limit tests. It is the real
+//! component, except that `accept` misbehaves on files that ask for it:
+//! - a file containing `LOOP-FOREVER` spins without end (the CPU deadline must stop it);
+//! - a file containing `ALLOCATE-FOREVER` allocates until memory runs out (the cap must stop it).
+//!
+//! Every other call goes to the real implementation, so the host can be seen
+//! to keep relaying ordinary mail beside the hostile files.
+
+#[cfg(target_family = "wasm")]
+mod hostile {
+    use bindings::exports::mailroot::relay::mail_logic as logic;
+    use bindings::exports::mailroot::relay::stages;
+    use bindings::mailroot::relay::{folders, types};
+    use mailroot_guest::component::Component;
+    use mailroot_guest::component::bindings;
+
+    struct Hostile;
+
+    fn misbehave_if_asked(file: &str) {
+        let Ok(raw) = folders::read(folders::Folder::Queue, file) else {
+            return;
+        };
+        let asks = |word: &[u8]| raw.windows(word.len()).any(|w| w == word);
+        if asks(b"LOOP-FOREVER") {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        if asks(b"ALLOCATE-FOREVER") {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+    }
+
+    impl stages::Guest for Hostile {
+        fn accept(
+            file: String,
+            queue_id: String,
+            options: stages::RelayOptions,
+        ) -> Result<stages::Accepted, stages::Rejection> {
+            misbehave_if_asked(&file);
+            <Component as stages::Guest>::accept(file, queue_id, options)
+        }
+
+        fn deliver(
+            file: String,
+            sender: String,
+            recipients: Vec<String>,
+            options: stages::RelayOptions,
+        ) -> Vec<stages::RecipientOutcome> {
+            <Component as stages::Guest>::deliver(file, sender, recipients, options)
+        }
+    }
+
+    impl logic::Guest for Hostile {
+        fn parse(raw: Vec<u8>) -> Result<types::MessageSummary, types::ParseError> {
+            <Component as logic::Guest>::parse(raw)
+        }
+        fn derive_envelope(raw: Vec<u8>) -> Result<types::Envelope, types::EnvelopeError> {
+            <Component as logic::Guest>::derive_envelope(raw)
+        }
+        fn validate(raw: Vec<u8>, limits: types::Limits) -> Vec<types::Finding> {
+            <Component as logic::Guest>::validate(raw, limits)
+        }
+        fn plan_delivery(
+            domain: String,
+            answer: types::MxAnswer,
+            seed: u64,
+        ) -> Result<types::DeliveryPlan, types::Failure> {
+            <Component as logic::Guest>::plan_delivery(domain, answer, seed)
+        }
+        fn build_bounce(request: types::BounceRequest) -> Vec<u8> {
+            <Component as logic::Guest>::build_bounce(request)
+        }
+    }
+
+    bindings::export_relay!(Hostile with_types_in bindings);
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a Debian machine, as root:
+#   nsd      - the authoritative DNS server the end-to-end tests run
+#   aiosmtpd - the SMTP server (Python) behind tests/peers/smtp_peer.py
+#   the wasm32-wasip2 Rust target, for the components
+# Services are never started or enabled: each test starts its own peers on
+# loopback addresses and stops them.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+need_apt=()
+command -v nsd >/dev/null || need_apt+=(nsd)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+    # Debian enables the nsd service on install; the tests run their own.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now nsd >/dev/null 2>&1 || true
+    else
+        deb-systemd-helper disable nsd.service >/dev/null 2>&1 || true
+        update-rc.d nsd disable >/dev/null 2>&1 || true
+    fi
+fi
+python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd
+rustup target add wasm32-wasip2

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""A recording SMTP server for mailroot's end-to-end tests, on aiosmtpd.
+
+Every connection and every message is appended to JSON lines in --out, so
+tests can check exactly what reached the server. Options inject the replies
+real servers give: a 4xx to MAIL, a 5xx/4xx to chosen recipients.
+
+    smtp_peer.py --listen 127.0.0.2:2525 --out DIR [--mail-reply "451 4.3.2 busy"]
+                 [--rcpt-reply "gone@=550 5.1.1 no such user"] ...
+"""
+import argparse
+import asyncio
+import json
+import os
+import signal
+
+from aiosmtpd.smtp import SMTP
+
+
+class Recorder:
+    def __init__(self, out, mail_reply, rcpt_replies):
+        self.out = out
+        self.mail_reply = mail_reply
+        self.rcpt_replies = rcpt_replies
+
+    def record(self, kind, **fields):
+        with open(os.path.join(self.out, "events.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"event": kind, **fields}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        for prefix, reply in self.rcpt_replies:
+            if address.startswith(prefix):
+                return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.record(
+            "message",
+            mail_from=envelope.mail_from,
+            mail_options=envelope.mail_options,
+            rcpt_tos=envelope.rcpt_tos,
+            # latin-1 maps every byte to one code point: the bytes survive JSON.
+            data=envelope.original_content.decode("latin-1"),
+        )
+        return "250 2.0.0 OK queued"
+
+
+class RecordingSMTP(SMTP):
+    def connection_made(self, transport):
+        self.event_handler.record("connect", peer=str(transport.get_extra_info("peername")))
+        super().connection_made(transport)
+
+
+async def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mail-reply")
+    parser.add_argument("--rcpt-reply", action="append", default=[])
+    args = parser.parse_args()
+    host, port = args.listen.rsplit(":", 1)
+    rcpt_replies = [tuple(r.split("=", 1)) for r in args.rcpt_reply]
+    handler = Recorder(args.out, args.mail_reply, rcpt_replies)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: RecordingSMTP(handler, decode_data=False, enable_SMTPUTF8=True, ident="mailroot test peer"),
+        host=host,
+        port=int(port),
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with open(os.path.join(args.out, "ready"), "w") as f:
+        f.write("ready\n")
+    await stop.wait()
+    server.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
