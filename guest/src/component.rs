@@ -27,7 +27,7 @@ pub mod bindings {
 use bindings::exports::mailroot::relay::mail_logic as plugin;
 use bindings::mailroot::relay::types as wit;
 
-use crate::{bounce, envelope, message, route, validate};
+use crate::{bounce, envelope, message, retry, route, validate};
 
 /// The component: implements every export of the world it is built for.
 pub struct Component;
@@ -91,6 +91,21 @@ impl From<wit::MxAnswer> for route::MxAnswer {
             wit::MxAnswer::NoRecords => route::MxAnswer::NoRecords,
             wit::MxAnswer::NxDomain => route::MxAnswer::NxDomain,
             wit::MxAnswer::Temporary(why) => route::MxAnswer::Temporary(why),
+        }
+    }
+}
+
+impl From<wit::RetrySchedule> for retry::Schedule {
+    fn from(s: wit::RetrySchedule) -> Self {
+        retry::Schedule {
+            intervals: match s.intervals {
+                wit::RetryIntervals::Steps(steps) => retry::Intervals::Steps(steps),
+                wit::RetryIntervals::Doubling((min, max)) => {
+                    retry::Intervals::Doubling { min, max }
+                }
+            },
+            delay_notice_after: s.delay_notice_after,
+            give_up_after: s.give_up_after,
         }
     }
 }
@@ -189,6 +204,36 @@ impl plugin::Guest for Component {
             original: request.original,
         })
     }
+
+    fn retry_profile(name: String) -> Option<wit::RetrySchedule> {
+        retry::Schedule::named(&name).map(|s| wit::RetrySchedule {
+            intervals: match s.intervals {
+                retry::Intervals::Steps(steps) => wit::RetryIntervals::Steps(steps),
+                retry::Intervals::Doubling { min, max } => {
+                    wit::RetryIntervals::Doubling((min, max))
+                }
+            },
+            delay_notice_after: s.delay_notice_after,
+            give_up_after: s.give_up_after,
+        })
+    }
+
+    fn plan_retry(
+        schedule: wit::RetrySchedule,
+        attempts: u32,
+        arrival_ms: u64,
+        now_ms: u64,
+        delay_notice_sent: bool,
+    ) -> wit::RetryDecision {
+        let d =
+            retry::Schedule::from(schedule).decide(attempts, arrival_ms, now_ms, delay_notice_sent);
+        wit::RetryDecision {
+            next_attempt_ms: d.next_attempt_ms,
+            expired: d.expired,
+            delay_notice_due: d.delay_notice_due,
+            give_up_ms: d.give_up_ms,
+        }
+    }
 }
 
 #[cfg(feature = "relay")]
@@ -202,6 +247,19 @@ mod relay_world {
 
     /// The imports of the relay world as [`Capabilities`].
     struct Imports;
+
+    fn read_error(name: &str, e: folders::FolderError) -> ReadError {
+        match e {
+            folders::FolderError::TooLarge(size) => ReadError::TooLarge(size),
+            folders::FolderError::NotFound => {
+                ReadError::Unavailable(format!("{name} is not in the queue"))
+            }
+            folders::FolderError::InvalidName => {
+                ReadError::Unavailable(format!("{name:?} is not a valid file name"))
+            }
+            folders::FolderError::Io(why) => ReadError::Unavailable(why),
+        }
+    }
 
     impl From<smtp_socket::SocketError> for SocketError {
         fn from(e: smtp_socket::SocketError) -> Self {
@@ -242,16 +300,12 @@ mod relay_world {
         type Conn = smtp_socket::Connection;
 
         fn read_queue_file(&mut self, name: &str) -> Result<Vec<u8>, ReadError> {
-            folders::read(folders::Folder::Queue, name).map_err(|e| match e {
-                folders::FolderError::TooLarge(size) => ReadError::TooLarge(size),
-                folders::FolderError::NotFound => {
-                    ReadError::Unavailable(format!("{name} is not in the queue"))
-                }
-                folders::FolderError::InvalidName => {
-                    ReadError::Unavailable(format!("{name:?} is not a valid file name"))
-                }
-                folders::FolderError::Io(why) => ReadError::Unavailable(why),
-            })
+            folders::read(folders::Folder::Queue, name).map_err(|e| read_error(name, e))
+        }
+
+        fn read_queue_head(&mut self, name: &str, max_bytes: u64) -> Result<Vec<u8>, ReadError> {
+            folders::read_head(folders::Folder::Queue, name, max_bytes)
+                .map_err(|e| read_error(name, e))
         }
 
         fn lookup_mx(&mut self, domain: &str) -> route::MxAnswer {
@@ -306,6 +360,7 @@ mod relay_world {
                 data_block: t.data_block,
                 data_end: t.data_end,
             },
+            retry: o.retry.into(),
         }
     }
 
@@ -325,6 +380,10 @@ mod relay_world {
                     code: r.code,
                     text: r.text,
                     temporary: r.temporary,
+                    notice: r.notice.map(|n| exports::Notice {
+                        recipient: n.recipient,
+                        message: n.message,
+                    }),
                 }),
             }
         }
@@ -333,23 +392,52 @@ mod relay_world {
             file: String,
             sender: String,
             recipients: Vec<String>,
+            state: exports::QueueState,
             o: exports::RelayOptions,
-        ) -> Vec<exports::RecipientOutcome> {
-            relay::deliver(&mut Imports, &file, &sender, &recipients, &options(o))
-                .into_iter()
-                .map(|o| exports::RecipientOutcome {
-                    recipient: o.recipient,
-                    result: match o.result {
-                        relay::RecipientResult::Delivered(reply) => {
-                            exports::RecipientResult::Delivered(reply)
-                        }
-                        relay::RecipientResult::NotDelivered(f) => {
-                            exports::RecipientResult::NotDelivered(wit::Failure::from(f))
-                        }
-                    },
-                    remote_mta: o.remote_mta,
-                })
-                .collect()
+        ) -> exports::DeliveryReport {
+            let state = relay::QueueState {
+                queue_id: state.queue_id,
+                attempts: state.attempts,
+                arrival_ms: state.arrival_ms,
+                delay_notice_sent: state.delay_notice_sent,
+            };
+            let report = relay::deliver(
+                &mut Imports,
+                &file,
+                &sender,
+                &recipients,
+                &state,
+                &options(o),
+            );
+            exports::DeliveryReport {
+                outcomes: report
+                    .outcomes
+                    .into_iter()
+                    .map(|o| exports::RecipientOutcome {
+                        recipient: o.recipient,
+                        result: match o.result {
+                            relay::RecipientResult::Delivered(reply) => {
+                                exports::RecipientResult::Delivered(reply)
+                            }
+                            relay::RecipientResult::NotDelivered(f) => {
+                                exports::RecipientResult::NotDelivered(wit::Failure::from(f))
+                            }
+                        },
+                        remote_mta: o.remote_mta,
+                    })
+                    .collect(),
+                next_attempt_ms: report.next_attempt_ms,
+                notices: report
+                    .notices
+                    .into_iter()
+                    .map(|n| exports::Notice {
+                        recipient: n.recipient,
+                        message: n.message,
+                    })
+                    .collect(),
+                delay_notice_sent: report.delay_notice_sent,
+                badmail: report.badmail,
+            }
         }
     }
 }

@@ -7,7 +7,8 @@
 //! Stages, named after Postfix's: [`message`] and [`envelope`] read a pickup
 //! file, [`validate`] judges it, [`cleanup`] prepares it for the queue,
 //! [`route`] orders the exchangers, [`smtp`] speaks to them, [`relay`] drives
-//! one message through them, and [`bounce`] writes delivery status notifications.
+//! one message through them, [`retry`] decides when to try again, and
+//! [`bounce`] writes delivery status notifications.
 #![cfg_attr(
     test,
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
@@ -20,6 +21,7 @@ pub mod date;
 pub mod envelope;
 pub mod message;
 pub mod relay;
+pub mod retry;
 pub mod route;
 pub mod smtp;
 pub mod validate;

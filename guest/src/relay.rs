@@ -4,9 +4,12 @@
 //! Both run against [`Capabilities`], the host's imports seen as a trait, so
 //! that the whole dialogue is tested natively with a scripted host.
 
+use crate::bounce::{self, Action, BounceRequest, DsnRecipient};
 use crate::cleanup;
+use crate::date;
 use crate::envelope::{self, Envelope};
 use crate::message;
+use crate::retry::Schedule;
 use crate::route::{self, AddressAnswer, Failure, MxAnswer};
 use crate::smtp::{self, Connection, DialogueError, Extensions, Reply, ReplyReader};
 use crate::validate::{self, Limits, Severity};
@@ -33,6 +36,8 @@ pub enum ReadError {
 pub trait Capabilities {
     type Conn: Connection;
     fn read_queue_file(&mut self, name: &str) -> Result<Vec<u8>, ReadError>;
+    /// At most `max_bytes` from the start of a queue file.
+    fn read_queue_head(&mut self, name: &str, max_bytes: u64) -> Result<Vec<u8>, ReadError>;
     fn lookup_mx(&mut self, domain: &str) -> MxAnswer;
     fn lookup_ip(&mut self, host: &str) -> AddressAnswer;
     fn connect(
@@ -80,6 +85,7 @@ pub struct Options {
     pub smtp_port: u16,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    pub retry: Schedule,
 }
 
 /// A message ready for the queue.
@@ -97,7 +103,45 @@ pub struct Rejection {
     pub text: String,
     /// The file could not be read now; it stays where it is for another try.
     pub temporary: bool,
+    /// A DSN to queue for the sender (oversized messages).
+    pub notice: Option<Notice>,
 }
+
+/// A DSN to queue, from the null sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The original sender.
+    pub recipient: String,
+    pub message: Vec<u8>,
+}
+
+/// What the queue knows of a message before an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueState {
+    pub queue_id: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub arrival_ms: u64,
+    pub delay_notice_sent: bool,
+}
+
+/// What one attempt did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// One per recipient offered; expired ones fail with 4.4.7.
+    pub outcomes: Vec<RecipientOutcome>,
+    /// When to try the pending recipients again.
+    pub next_attempt_ms: Option<u64>,
+    /// DSNs to queue.
+    pub notices: Vec<Notice>,
+    /// A delay notice is among `notices`.
+    pub delay_notice_sent: bool,
+    /// Recipients failed for a null-sender message: the Badmail reason.
+    pub badmail: Option<String>,
+}
+
+/// Header bytes read from a file too large to read whole.
+const HEAD_BYTES: u64 = 64 * 1024;
 
 /// The result for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,21 +165,31 @@ pub fn accept<C: Capabilities>(
     queue_id: &str,
     options: &Options,
 ) -> Result<Accepted, Rejection> {
-    let raw = caps.read_queue_file(file).map_err(|e| match e {
-        ReadError::TooLarge(size) => Rejection {
-            code: "too-large".into(),
-            text: format!(
+    let raw = match caps.read_queue_file(file) {
+        Ok(raw) => raw,
+        Err(ReadError::TooLarge(size)) => {
+            let text = format!(
                 "the message is {size} bytes; the limit is {} bytes",
                 options.limits.max_message_bytes
-            ),
-            temporary: false,
-        },
-        ReadError::Unavailable(why) => Rejection {
-            code: "unreadable".into(),
-            text: why,
-            temporary: true,
-        },
-    })?;
+            );
+            let head = caps.read_queue_head(file, HEAD_BYTES).unwrap_or_default();
+            let notice = oversize_notice(caps, &head, queue_id, &text, options);
+            return Err(Rejection {
+                code: "too-large".into(),
+                text,
+                temporary: false,
+                notice,
+            });
+        }
+        Err(ReadError::Unavailable(why)) => {
+            return Err(Rejection {
+                code: "unreadable".into(),
+                text: why,
+                temporary: true,
+                notice: None,
+            });
+        }
+    };
     let findings = validate::validate(&raw, &options.limits);
     let (rejections, warnings): (Vec<_>, Vec<_>) = findings
         .into_iter()
@@ -146,16 +200,24 @@ pub fn accept<C: Capabilities>(
             .map(|f| f.text.as_str())
             .collect::<Vec<_>>()
             .join("; ");
+        let notice = if first.code == "too-large" {
+            let head = raw.get(..HEAD_BYTES as usize).unwrap_or(&raw);
+            oversize_notice(caps, head, queue_id, &text, options)
+        } else {
+            None
+        };
         return Err(Rejection {
             code: first.code.clone(),
             text,
             temporary: false,
+            notice,
         });
     }
     let rejected = |text: String| Rejection {
         code: "unparseable".into(),
         text,
         temporary: false,
+        notice: None,
     };
     let parsed = message::parse(&raw).map_err(|e| rejected(e.to_string()))?;
     let envelope = envelope::from_parsed(&parsed).map_err(|e| rejected(e.to_string()))?;
@@ -174,14 +236,220 @@ pub fn accept<C: Capabilities>(
     })
 }
 
-/// One delivery attempt of the queued message `file` to `recipients`.
+/// A DSN with the headers only, for a message refused as too large, when
+/// its head still names a sender (never for the null sender).
+fn oversize_notice<C: Capabilities>(
+    caps: &mut C,
+    head: &[u8],
+    queue_id: &str,
+    why: &str,
+    options: &Options,
+) -> Option<Notice> {
+    // The head is cut at an arbitrary byte: parse only its header section.
+    let (_, message) = message::split_pickup_lines(head).ok()?;
+    let end = message::header_section(message).ok()?.body_start;
+    let mut headers = head
+        .get(..head.len().saturating_sub(message.len()).saturating_add(end))?
+        .to_vec();
+    headers.extend_from_slice(b"\r\n");
+    let envelope = envelope::derive(&headers).ok()?;
+    if envelope.sender.is_empty() {
+        return None;
+    }
+    let now_ms = caps.now_ms();
+    let recipients = envelope
+        .recipients
+        .iter()
+        .map(|r| DsnRecipient {
+            recipient: r.clone(),
+            action: Action::Failed,
+            status: "5.3.4".into(),
+            remote_mta: None,
+            diagnostic: Some(format!("message too big for this relay: {why}")),
+        })
+        .collect();
+    let dsn = bounce::build_bounce(&BounceRequest {
+        reporting_mta: options.hostname.clone(),
+        original_sender: envelope.sender.clone(),
+        arrival_date: date::rfc5322(now_ms),
+        date: date::rfc5322(now_ms),
+        message_id: format!("{queue_id}-toobig@{}", options.hostname),
+        will_retry_until: None,
+        recipients,
+        original: message.get(..end).unwrap_or_default().to_vec(),
+    });
+    Some(Notice {
+        recipient: envelope.sender,
+        message: dsn,
+    })
+}
+
+/// One delivery attempt of the queued message `file` to `recipients`, then
+/// the decisions that follow from it: when to retry, whether the sender must
+/// hear of it (one DSN for the recipients that failed in this attempt, one
+/// delay notice once), and whether the message has expired.
 pub fn deliver<C: Capabilities>(
     caps: &mut C,
     file: &str,
     sender: &str,
     recipients: &[String],
+    state: &QueueState,
     options: &Options,
-) -> Vec<RecipientOutcome> {
+) -> DeliveryReport {
+    let (mut outcomes, message) = attempt(caps, file, sender, recipients, options);
+    let now_ms = caps.now_ms();
+    let mut report = DeliveryReport {
+        outcomes: Vec::new(),
+        next_attempt_ms: None,
+        notices: Vec::new(),
+        delay_notice_sent: false,
+        badmail: None,
+    };
+    let is_pending = |o: &RecipientOutcome| matches!(&o.result, RecipientResult::NotDelivered(f) if !f.permanent);
+    if outcomes.iter().any(is_pending) {
+        let decision = options.retry.decide(
+            state.attempts.saturating_add(1),
+            state.arrival_ms,
+            now_ms,
+            state.delay_notice_sent,
+        );
+        if decision.expired {
+            let days = f64::from(options.retry.give_up_after) / 86_400.0;
+            for outcome in outcomes.iter_mut().filter(|o| is_pending(o)) {
+                if let RecipientResult::NotDelivered(f) = &mut outcome.result {
+                    *f = Failure::permanent(
+                        "4.4.7",
+                        format!(
+                            "gave up after {days:.1} days in the queue; last error: {}",
+                            f.text
+                        ),
+                    );
+                }
+            }
+        } else {
+            report.next_attempt_ms = decision.next_attempt_ms;
+            if decision.delay_notice_due && !sender.is_empty() {
+                let delayed: Vec<RecipientOutcome> =
+                    outcomes.iter().filter(|o| is_pending(o)).cloned().collect();
+                let until = date::rfc5322(decision.give_up_ms);
+                report.notices.push(notice(
+                    options,
+                    state,
+                    sender,
+                    now_ms,
+                    &message,
+                    &delayed,
+                    Action::Delayed,
+                    Some(until),
+                ));
+                report.delay_notice_sent = true;
+            }
+        }
+    }
+    let failed: Vec<RecipientOutcome> = outcomes
+        .iter()
+        .filter(|o| matches!(&o.result, RecipientResult::NotDelivered(f) if f.permanent))
+        .cloned()
+        .collect();
+    if !failed.is_empty() {
+        let list: Vec<String> = failed
+            .iter()
+            .map(|o| format!("<{}>: {}", o.recipient, failure_text(o)))
+            .collect();
+        let dsn = if sender.is_empty() {
+            // Never bounce to <>: bounces must not loop (RFC 5321 4.5.5).
+            "the sender is the null sender, so no DSN was sent".to_string()
+        } else {
+            report.notices.push(notice(
+                options,
+                state,
+                sender,
+                now_ms,
+                &message,
+                &failed,
+                Action::Failed,
+                None,
+            ));
+            format!("a DSN was sent to <{sender}>")
+        };
+        report.badmail = Some(format!(
+            "delivery failed permanently for {} recipient(s): {}; {dsn}",
+            failed.len(),
+            list.join("; ")
+        ));
+    }
+    report.outcomes = outcomes;
+    report
+}
+
+fn failure_text(outcome: &RecipientOutcome) -> &str {
+    match &outcome.result {
+        RecipientResult::NotDelivered(f) => &f.text,
+        RecipientResult::Delivered(reply) => reply,
+    }
+}
+
+/// One DSN for `outcomes`, all with the same action.
+#[allow(clippy::too_many_arguments)]
+fn notice(
+    options: &Options,
+    state: &QueueState,
+    sender: &str,
+    now_ms: u64,
+    message: &[u8],
+    outcomes: &[RecipientOutcome],
+    action: Action,
+    will_retry_until: Option<String>,
+) -> Notice {
+    let kind = if action == Action::Delayed {
+        "delay"
+    } else {
+        "bounce"
+    };
+    let dsn = bounce::build_bounce(&BounceRequest {
+        reporting_mta: options.hostname.clone(),
+        original_sender: sender.to_string(),
+        arrival_date: date::rfc5322(state.arrival_ms),
+        date: date::rfc5322(now_ms),
+        message_id: format!(
+            "{}-{}-{kind}@{}",
+            state.queue_id,
+            state.attempts.saturating_add(1),
+            options.hostname
+        ),
+        will_retry_until,
+        recipients: outcomes
+            .iter()
+            .map(|o| {
+                let (status, diagnostic) = match &o.result {
+                    RecipientResult::NotDelivered(f) => (f.status.clone(), f.text.clone()),
+                    RecipientResult::Delivered(reply) => ("2.0.0".to_string(), reply.clone()),
+                };
+                DsnRecipient {
+                    recipient: o.recipient.clone(),
+                    action,
+                    status,
+                    remote_mta: o.remote_mta.clone(),
+                    diagnostic: Some(diagnostic),
+                }
+            })
+            .collect(),
+        original: message.to_vec(),
+    });
+    Notice {
+        recipient: sender.to_string(),
+        message: dsn,
+    }
+}
+
+/// The attempt itself: one outcome per recipient, and the message bytes.
+fn attempt<C: Capabilities>(
+    caps: &mut C,
+    file: &str,
+    sender: &str,
+    recipients: &[String],
+    options: &Options,
+) -> (Vec<RecipientOutcome>, Vec<u8>) {
     let message = match caps.read_queue_file(file) {
         Ok(message) => message,
         Err(e) => {
@@ -192,10 +460,13 @@ pub fn deliver<C: Capabilities>(
                 ReadError::Unavailable(why) => format!("the queued message cannot be read: {why}"),
             };
             let failure = Failure::temporary("4.3.0", why);
-            return recipients
-                .iter()
-                .map(|r| not_delivered(r, &failure, None))
-                .collect();
+            return (
+                recipients
+                    .iter()
+                    .map(|r| not_delivered(r, &failure, None))
+                    .collect(),
+                Vec::new(),
+            );
         }
     };
     let seed = caps.now_ms();
@@ -212,7 +483,7 @@ pub fn deliver<C: Capabilities>(
             )),
         }
     }
-    outcomes
+    (outcomes, message)
 }
 
 fn not_delivered(recipient: &str, failure: &Failure, remote_mta: Option<&str>) -> RecipientOutcome {
@@ -370,11 +641,18 @@ fn reply_failure(stage: &str, reply: &Reply) -> Failure {
     if reply.is_permanent() {
         Failure::permanent(&reply.status(), text)
     } else {
-        Failure {
-            permanent: false,
-            status: reply.status().replacen('5', "4", 1),
-            text,
-        }
+        Failure::temporary(&transient_status(reply), text)
+    }
+}
+
+/// A status for a reply treated as temporary: its own 4.x.x, a 5.x.x made
+/// 4.x.x, or 4.5.0 (protocol error) for a reply that was not an error at all.
+fn transient_status(reply: &Reply) -> String {
+    let status = reply.status();
+    match status.split_once('.') {
+        Some(("4", _)) => status,
+        Some(("5", rest)) => format!("4.{rest}"),
+        _ => "4.5.0".to_string(),
     }
 }
 
@@ -418,7 +696,7 @@ fn transaction<C: Capabilities>(
     if greeting.code != 220 {
         // A 5xx greeting only says this host will not talk to us: try the next one.
         return Err(Failure::temporary(
-            &greeting.status().replacen('5', "4", 1),
+            &transient_status(&greeting),
             format!("greeting: {greeting}"),
         ));
     }

@@ -41,7 +41,12 @@ options:
   --max-recipients N     most recipients per message (default 1000)
   --workers N            messages handled at once (default 8)
   --poll-interval SECS   how often Pickup and the queue are checked (default 1)
-  --retry-delay SECS     wait before retrying a deferred message (default 300)
+  --retry-profile NAME   postfix (default: backoff 300 s doubling to 4000 s,
+                         no delay notice, give up after 5 days) or iis (15, 30,
+                         60 min, then every 240 min; delay notice after 12 h;
+                         give up after 2 days)
+  --delay-notice-after SECS  send one delay notice after this long (0: never)
+  --give-up-after SECS   bounce what is still pending after this long
   --smtp-timeout SECS    one timeout for every SMTP stage (default: RFC 5321 values)
   --memory-limit MIB     linear memory per component instance (default 256)
   --cpu-limit SECS       guest CPU time per component call (default 10)
@@ -110,7 +115,14 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             "--max-recipients" => settings.max_recipients = value("--max-recipients", args.next())?,
             "--workers" => settings.workers = value::<usize>("--workers", args.next())?.max(1),
             "--poll-interval" => settings.poll_interval = seconds("--poll-interval", args.next())?,
-            "--retry-delay" => settings.retry_delay = seconds("--retry-delay", args.next())?,
+            "--retry-profile" => settings.retry_profile = value("--retry-profile", args.next())?,
+            "--delay-notice-after" => {
+                let after = seconds("--delay-notice-after", args.next())?;
+                settings.delay_notice_after = Some((!after.is_zero()).then_some(after));
+            }
+            "--give-up-after" => {
+                settings.give_up_after = Some(seconds("--give-up-after", args.next())?)
+            }
             "--smtp-timeout" => {
                 settings.smtp_timeouts =
                     SmtpTimeouts::uniform(seconds("--smtp-timeout", args.next())?)

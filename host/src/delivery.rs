@@ -1,26 +1,33 @@
 //! The delivery stage (Postfix's qmgr and smtp): one attempt for the pending
-//! recipients of a queued message, and the bookkeeping of the outcome.
+//! recipients of a queued message, and the bookkeeping of its report.
 //!
-//! The component decides what each reply means; the host records it. A
-//! recipient that was delivered is never offered again. Recipients that
-//! failed permanently are reported in Badmail with the server's reply; the
-//! others wait `retry_delay` for the next attempt.
+//! The component decides what each reply means, when to retry, and which
+//! DSNs the sender gets; the host stores the outcome, queues the DSNs as new
+//! messages from the null sender, and keeps a Badmail copy of every message
+//! with permanently failed recipients. A recipient that was delivered is
+//! never offered again.
+
+use std::time::Duration;
 
 use crate::badmail::{self, FailedRecipient, Reason};
 use crate::logging;
 use crate::mailroot::Folder;
-use crate::queue::{self, Control, State};
+use crate::queue::{self, Control, Recipient, State};
 use crate::relay::Relay;
-use crate::runtime::bindings::exports::mailroot::relay::stages::RecipientResult;
+use crate::runtime::bindings::exports::mailroot::relay::stages::{QueueState, RecipientResult};
+
+/// Wait after a component failure (trap or CPU stop) before the next try:
+/// the retry schedule lives in the component, which just failed.
+const COMPONENT_FAILURE_DELAY: Duration = Duration::from_secs(60);
 
 /// What one attempt did to a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempt {
     /// Not due yet.
     NotDue,
     /// Every recipient delivered; the message left the queue.
     Delivered,
-    /// Every recipient is final and some failed: reported in Badmail.
+    /// Every recipient is final and some failed.
     Failed,
     /// Some recipients wait for another attempt.
     Deferred,
@@ -28,58 +35,50 @@ pub enum Attempt {
     Error,
 }
 
-/// Attempt delivery of `queue_id` if it is due (or if `force`).
-pub fn attempt_delivery(relay: &Relay, queue_id: &str, force: bool) -> Attempt {
+/// Attempt delivery of `queue_id` if it is due (or if `force`). Returns the
+/// attempt and the queue ids of the DSNs it queued.
+pub fn attempt_delivery(relay: &Relay, queue_id: &str, force: bool) -> (Attempt, Vec<String>) {
     let mut control = match relay.queue.load(queue_id) {
         Ok(control) => control,
         Err(e) => {
             logging::error(&format!("{queue_id}: cannot read the control file: {e}"));
-            return Attempt::Error;
+            return (Attempt::Error, Vec::new());
         }
     };
     let now_ms = relay.clock.now_ms();
     if !force && control.next_attempt_ms > now_ms {
-        return Attempt::NotDue;
+        return (Attempt::NotDue, Vec::new());
     }
     let pending = control.pending();
     if pending.is_empty() {
-        return finish(relay, &control);
+        return (finish(relay, &control), Vec::new());
     }
     let file = queue::message_file(queue_id);
-    let outcomes =
+    if let Err(e) = relay.queue.mark_in_flight(queue_id) {
+        logging::warn(&format!(
+            "{queue_id}: cannot mark the attempt in flight: {e}"
+        ));
+    }
+    let state = QueueState {
+        queue_id: queue_id.to_string(),
+        attempts: control.attempts,
+        arrival_ms: control.first_seen_ms,
+        delay_notice_sent: control.delay_notice_sent,
+    };
+    let report =
         match relay
             .runtime
-            .deliver(&file, queue_id, &control.sender, &pending, &relay.options)
+            .deliver(&file, &control.sender, &pending, &state, &relay.options)
         {
-            Ok(outcomes) => outcomes,
+            Ok(report) => report,
             Err(e) => {
-                logging::error(&format!("{queue_id}: {e}; the message stays queued"));
-                if relay.component_failed(queue_id) {
-                    let reason = Reason::new(
-                        &control.original_name,
-                        Some(queue_id),
-                        "component-failed",
-                        format!("the relay component failed on this message repeatedly: {e}"),
-                        now_ms,
-                    );
-                    return match badmail::move_to_badmail(
-                        &relay.mailroot,
-                        Folder::Queue,
-                        &file,
-                        &reason,
-                    ) {
-                        Ok(_) => finish(relay, &control),
-                        Err(e) => {
-                            logging::error(&format!("{queue_id}: cannot move to Badmail: {e}"));
-                            Attempt::Error
-                        }
-                    };
-                }
-                return reschedule(relay, &mut control, now_ms);
+                return (
+                    component_failed(relay, &mut control, &e.to_string(), now_ms),
+                    Vec::new(),
+                );
             }
         };
-    let mut failed_now = Vec::new();
-    for outcome in outcomes {
+    for outcome in report.outcomes {
         // Only recipients that were offered can change: a broken component
         // cannot add or resurrect recipients.
         let Some(recipient) = control.recipients.iter_mut().find(|r| {
@@ -101,24 +100,59 @@ pub fn attempt_delivery(relay: &Relay, queue_id: &str, force: bool) -> Attempt {
                 recipient.last_reply = Some(failure.text);
                 if failure.permanent {
                     recipient.state = State::Failed;
-                    failed_now.push(recipient.clone());
                 }
             }
         }
     }
     control.attempts = control.attempts.saturating_add(1);
-    if !failed_now.is_empty() {
-        report_failures(relay, &control, &failed_now, now_ms);
+    control.delay_notice_sent |= report.delay_notice_sent;
+    // DSNs and the Badmail copy come before the control update: a crash in
+    // between repeats them, never loses them.
+    let notices: Vec<String> = report
+        .notices
+        .into_iter()
+        .filter_map(|notice| {
+            queue_notice(
+                relay,
+                &control.original_name,
+                &notice.recipient,
+                &notice.message,
+            )
+        })
+        .collect();
+    if let Some(reason) = report.badmail {
+        copy_failed_to_badmail(relay, &control, reason, &pending, now_ms);
     }
-    if control.pending().is_empty() {
-        return finish(relay, &control);
-    }
-    reschedule(relay, &mut control, now_ms)
+    let attempt = if control.pending().is_empty() {
+        finish(relay, &control)
+    } else {
+        let fallback = now_ms.saturating_add(duration_ms(COMPONENT_FAILURE_DELAY));
+        control.next_attempt_ms = report.next_attempt_ms.unwrap_or(fallback);
+        log_deferred(&control);
+        write_control(relay, &control, Attempt::Deferred)
+    };
+    let _ = relay.queue.clear_in_flight(queue_id);
+    (attempt, notices)
 }
 
-fn reschedule(relay: &Relay, control: &mut Control, now_ms: u64) -> Attempt {
-    let delay = u64::try_from(relay.settings.retry_delay.as_millis()).unwrap_or(u64::MAX);
-    control.next_attempt_ms = now_ms.saturating_add(delay);
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn write_control(relay: &Relay, control: &Control, success: Attempt) -> Attempt {
+    match relay.queue.write_control(control) {
+        Ok(()) => success,
+        Err(e) => {
+            logging::error(&format!(
+                "{}: cannot update the control file: {e}",
+                control.queue_id
+            ));
+            Attempt::Error
+        }
+    }
+}
+
+fn log_deferred(control: &Control) {
     for r in control
         .recipients
         .iter()
@@ -131,16 +165,37 @@ fn reschedule(relay: &Relay, control: &mut Control, now_ms: u64) -> Attempt {
             r.last_reply.as_deref().unwrap_or("no attempt completed")
         ));
     }
-    match relay.queue.write_control(control) {
-        Ok(()) => Attempt::Deferred,
-        Err(e) => {
-            logging::error(&format!(
-                "{}: cannot update the control file: {e}",
-                control.queue_id
-            ));
-            Attempt::Error
-        }
+}
+
+/// The component trapped or ran out of CPU: try later, and after repeated
+/// failures move the message to Badmail.
+fn component_failed(relay: &Relay, control: &mut Control, error: &str, now_ms: u64) -> Attempt {
+    let id = control.queue_id.clone();
+    logging::error(&format!("{id}: {error}; the message stays queued"));
+    let _ = relay.queue.clear_in_flight(&id);
+    if relay.component_failed(&id) {
+        let reason = Reason::new(
+            &control.original_name,
+            Some(&id),
+            "component-failed",
+            format!("the relay component failed on this message repeatedly: {error}"),
+            now_ms,
+        );
+        return match badmail::move_to_badmail(
+            &relay.mailroot,
+            Folder::Queue,
+            &queue::message_file(&id),
+            &reason,
+        ) {
+            Ok(_) => finish(relay, control),
+            Err(e) => {
+                logging::error(&format!("{id}: cannot move to Badmail: {e}"));
+                Attempt::Error
+            }
+        };
     }
+    control.next_attempt_ms = now_ms.saturating_add(duration_ms(COMPONENT_FAILURE_DELAY));
+    write_control(relay, control, Attempt::Deferred)
 }
 
 /// Every recipient is final: the message leaves the queue.
@@ -161,30 +216,62 @@ fn finish(relay: &Relay, control: &Control) -> Attempt {
     }
 }
 
-/// Put a copy of the message in Badmail with the failed recipients and their
-/// replies. A copy, not a move: other recipients may still be pending, and a
-/// crash before the control file is updated only repeats the report.
-fn report_failures(relay: &Relay, control: &Control, failed: &[queue::Recipient], now_ms: u64) {
+/// Queue a DSN from the null sender to `to`; returns its queue id.
+pub(crate) fn queue_notice(relay: &Relay, about: &str, to: &str, dsn: &[u8]) -> Option<String> {
+    let now_ms = relay.clock.now_ms();
+    let queue_id = queue::new_queue_id(now_ms);
+    let control = Control {
+        queue_id: queue_id.clone(),
+        original_name: format!("{about}.dsn"),
+        sender: String::new(),
+        recipients: vec![Recipient {
+            address: to.to_string(),
+            state: State::Pending,
+            status: None,
+            last_reply: None,
+            remote_mta: None,
+        }],
+        attempts: 0,
+        first_seen_ms: now_ms,
+        next_attempt_ms: now_ms,
+        delay_notice_sent: false,
+    };
+    match relay.queue.commit(&control, dsn) {
+        Ok(()) => {
+            logging::info(&format!(
+                "{queue_id}: from=<> to=<{to}> size={} (delivery status notification for {about})",
+                dsn.len()
+            ));
+            Some(queue_id)
+        }
+        Err(e) => {
+            logging::error(&format!("cannot queue the DSN for {about} to <{to}>: {e}"));
+            None
+        }
+    }
+}
+
+/// Put a copy of the message in Badmail with the recipients that failed in
+/// this attempt and their replies. A copy, not a move: other recipients may
+/// still be pending.
+fn copy_failed_to_badmail(
+    relay: &Relay,
+    control: &Control,
+    reason_text: String,
+    offered: &[String],
+    now_ms: u64,
+) {
     let id = &control.queue_id;
-    let summary: Vec<String> = failed
+    let failed: Vec<&Recipient> = control
+        .recipients
         .iter()
-        .map(|r| {
-            format!(
-                "<{}>: {}",
-                r.address,
-                r.last_reply.as_deref().unwrap_or("failed")
-            )
-        })
+        .filter(|r| r.state == State::Failed && offered.contains(&r.address))
         .collect();
     let mut reason = Reason::new(
         &control.original_name,
         Some(id),
         "delivery-failed",
-        format!(
-            "delivery failed permanently for {} recipient(s): {}",
-            failed.len(),
-            summary.join("; ")
-        ),
+        reason_text,
         now_ms,
     );
     reason.sender = Some(control.sender.clone());

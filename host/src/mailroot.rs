@@ -189,6 +189,19 @@ impl Mailroot {
         Ok(file)
     }
 
+    /// At most `max_bytes` from the start of `name` in `folder`.
+    pub fn read_head(
+        &self,
+        folder: Folder,
+        name: &str,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, FolderError> {
+        let file = self.open_file(folder, name)?;
+        let mut bytes = Vec::new();
+        file.take(max_bytes).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// The whole of `name` in `folder`, refused when larger than `max_bytes`.
     pub fn read(&self, folder: Folder, name: &str, max_bytes: u64) -> Result<Vec<u8>, FolderError> {
         let mut file = self.open_file(folder, name)?;
@@ -258,6 +271,20 @@ impl folders::Host for HostState {
             Ok(state
                 .mailroot
                 .read(folder_of(folder), &name, state.max_read_bytes)?)
+        })
+    }
+
+    fn read_head(
+        &mut self,
+        folder: folders::Folder,
+        name: String,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, folders::FolderError> {
+        let max_bytes = max_bytes.min(self.max_read_bytes);
+        self.blocking(|state| {
+            Ok(state
+                .mailroot
+                .read_head(folder_of(folder), &name, max_bytes)?)
         })
     }
 }

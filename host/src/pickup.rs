@@ -167,13 +167,24 @@ pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
             logging::warn(&format!("{id}: {}; will try again", rejection.text));
             return Acceptance::Retry;
         }
-        Ok(Err(rejection)) => return rejected(&rejection.code, rejection.text),
+        Ok(Err(rejection)) => {
+            if let Some(notice) = &rejection.notice {
+                crate::delivery::queue_notice(
+                    relay,
+                    &claimed.original,
+                    &notice.recipient,
+                    &notice.message,
+                );
+            }
+            return rejected(&rejection.code, rejection.text);
+        }
         Ok(Ok(accepted)) => accepted,
     };
     for warning in &accepted.warnings {
         logging::info(&format!("{id}: {warning}"));
     }
     let control = Control {
+        delay_notice_sent: false,
         queue_id: id.clone(),
         original_name: claimed.original.clone(),
         sender: accepted.envelope.sender.clone(),

@@ -56,6 +56,9 @@ pub struct Control {
     pub attempts: u32,
     pub first_seen_ms: u64,
     pub next_attempt_ms: u64,
+    /// The one delay notice was sent.
+    #[serde(default)]
+    pub delay_notice_sent: bool,
 }
 
 impl Control {
@@ -84,6 +87,11 @@ pub fn message_file(queue_id: &str) -> String {
 }
 pub fn control_file(queue_id: &str) -> String {
     format!("{queue_id}.json")
+}
+
+/// Marks a delivery attempt in progress (see [`Queue::mark_in_flight`]).
+pub fn in_flight_file(queue_id: &str) -> String {
+    format!("{queue_id}.inflight")
 }
 
 /// Component failures counted for a message (see [`Queue::record_component_failure`]).
@@ -188,7 +196,33 @@ impl Queue {
         remove_if_present(&dir.join(control_file(queue_id)))?;
         remove_if_present(&dir.join(message_file(queue_id)))?;
         remove_if_present(&dir.join(failures_file(queue_id)))?;
+        remove_if_present(&dir.join(in_flight_file(queue_id)))?;
         sync_dir(&dir)
+    }
+
+    /// Mark an attempt in progress. Not fsynced: it only has to survive the
+    /// relay being killed (the page cache survives that), so that a restart
+    /// can warn that recipients of this attempt may get the message twice.
+    pub fn mark_in_flight(&self, queue_id: &str) -> io::Result<()> {
+        fs::write(self.dir().join(in_flight_file(queue_id)), b"")
+    }
+
+    /// The attempt is recorded in the control file.
+    pub fn clear_in_flight(&self, queue_id: &str) -> io::Result<()> {
+        remove_if_present(&self.dir().join(in_flight_file(queue_id)))
+    }
+
+    /// Queue ids whose attempt was in flight when the relay stopped.
+    pub fn interrupted_attempts(&self) -> io::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(self.dir())? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".inflight") {
+                ids.push(id.to_string());
+            }
+        }
+        ids.sort();
+        Ok(ids)
     }
 
     /// Count one more component failure (trap or CPU stop) on `queue_id`;

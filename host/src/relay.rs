@@ -18,7 +18,7 @@ use crate::mailroot::Mailroot;
 use crate::pickup::{self, Acceptance, Claimed};
 use crate::queue::Queue;
 use crate::runtime::bindings::exports::mailroot::relay::stages::{RelayOptions, Timeouts};
-use crate::runtime::bindings::mailroot::relay::types::Limits;
+use crate::runtime::bindings::mailroot::relay::types::{Limits, RetrySchedule};
 use crate::runtime::{Capabilities, Runtime};
 use crate::settings::Settings;
 use crate::sockets::TlsSettings;
@@ -37,6 +37,7 @@ pub enum StartError {
     Tls(std::io::Error),
     ComponentFile(std::path::PathBuf, std::io::Error),
     Component(String),
+    RetryProfile(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -49,6 +50,9 @@ impl std::fmt::Display for StartError {
                 write!(f, "cannot read the component {}: {e}", path.display())
             }
             StartError::Component(e) => write!(f, "cannot load the component: {e}"),
+            StartError::RetryProfile(name) => {
+                write!(f, "unknown retry profile {name:?} (known: postfix, iis)")
+            }
         }
     }
 }
@@ -151,7 +155,9 @@ impl Relay {
                 data_block: millis(t.data_block),
                 data_end: millis(t.data_end),
             },
+            retry: retry_schedule(&runtime, &settings)?,
         };
+        recover_interrupted_attempts(&Queue::new(mailroot.clone()));
         Ok(Relay {
             queue: Queue::new(mailroot.clone()),
             mailroot,
@@ -213,20 +219,31 @@ impl Relay {
                 Acceptance::Retry => report.retry += 1,
             }
         }
-        let queued = self.queue.scan().map(|(ids, _)| ids).unwrap_or_default();
-        let attempts = Mutex::new(Vec::new());
-        self.parallel(queued, |id| {
-            let attempt = delivery::attempt_delivery(self, &id, force);
-            lock(&attempts).push(attempt);
-        });
-        for attempt in attempts.into_inner().unwrap_or_default() {
-            match attempt {
-                Attempt::NotDue => {}
-                Attempt::Delivered => report.delivered += 1,
-                Attempt::Failed => report.failed += 1,
-                Attempt::Deferred => report.deferred += 1,
-                Attempt::Error => report.retry += 1,
+        // DSNs queued by an attempt are due at once: deliver them in the same
+        // pass. They come from the null sender and never cause further DSNs,
+        // so this ends; the bound is only a guard.
+        let mut queued = self.queue.scan().map(|(ids, _)| ids).unwrap_or_default();
+        for _ in 0..4 {
+            if queued.is_empty() {
+                break;
             }
+            let attempts = Mutex::new(Vec::new());
+            let notices = Mutex::new(Vec::new());
+            self.parallel(queued, |id| {
+                let (attempt, queued_notices) = delivery::attempt_delivery(self, &id, force);
+                lock(&attempts).push(attempt);
+                lock(&notices).extend(queued_notices);
+            });
+            for attempt in attempts.into_inner().unwrap_or_default() {
+                match attempt {
+                    Attempt::NotDue => {}
+                    Attempt::Delivered => report.delivered += 1,
+                    Attempt::Failed => report.failed += 1,
+                    Attempt::Deferred => report.deferred += 1,
+                    Attempt::Error => report.retry += 1,
+                }
+            }
+            queued = notices.into_inner().unwrap_or_default();
         }
         report
     }
@@ -267,6 +284,43 @@ impl Relay {
                 });
             }
         });
+    }
+}
+
+/// The component's schedule for the configured profile, with the
+/// operator's overrides.
+fn retry_schedule(runtime: &Runtime, settings: &Settings) -> Result<RetrySchedule, StartError> {
+    let mut schedule = runtime
+        .retry_profile(&settings.retry_profile)
+        .map_err(|e| StartError::Component(e.to_string()))?
+        .ok_or_else(|| StartError::RetryProfile(settings.retry_profile.clone()))?;
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    if let Some(notice) = settings.delay_notice_after {
+        schedule.delay_notice_after = notice.map(secs);
+    }
+    if let Some(give_up) = settings.give_up_after {
+        schedule.give_up_after = secs(give_up);
+    }
+    Ok(schedule)
+}
+
+/// Attempts that were in flight when the relay last stopped: their
+/// recipients are still pending, and those that the server had already
+/// accepted will get the message a second time. Say so, once.
+fn recover_interrupted_attempts(queue: &Queue) {
+    for id in queue.interrupted_attempts().unwrap_or_default() {
+        let pending = queue.load(&id).map(|c| c.pending()).unwrap_or_default();
+        if !pending.is_empty() {
+            logging::warn(&format!(
+                "{id}: the relay stopped during a delivery attempt; these recipients may receive the message twice: {}",
+                pending
+                    .iter()
+                    .map(|r| format!("<{r}>"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let _ = queue.clear_in_flight(&id);
     }
 }
 

@@ -255,16 +255,34 @@ impl Runtime {
     pub fn deliver(
         &self,
         file: &str,
-        queue_id: &str,
         sender: &str,
         recipients: &[String],
+        state: &stages::QueueState,
         options: &stages::RelayOptions,
-    ) -> Result<Vec<stages::RecipientOutcome>, CallError> {
-        self.contain(self.instantiate(queue_id).and_then(|(mut store, relay)| {
-            relay
-                .mailroot_relay_stages()
-                .call_deliver(&mut store, file, sender, recipients, options)
-        }))
+    ) -> Result<stages::DeliveryReport, CallError> {
+        self.contain(
+            self.instantiate(&state.queue_id)
+                .and_then(|(mut store, relay)| {
+                    relay
+                        .mailroot_relay_stages()
+                        .call_deliver(&mut store, file, sender, recipients, state, options)
+                }),
+        )
+    }
+
+    /// The retry schedule the component defines under `name`.
+    pub fn retry_profile(
+        &self,
+        name: &str,
+    ) -> Result<Option<bindings::mailroot::relay::types::RetrySchedule>, CallError> {
+        self.contain(
+            self.instantiate("retry-profile")
+                .and_then(|(mut store, relay)| {
+                    relay
+                        .mailroot_relay_mail_logic()
+                        .call_retry_profile(&mut store, name)
+                }),
+        )
     }
 }
 

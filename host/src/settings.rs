@@ -77,8 +77,13 @@ pub struct Settings {
     pub workers: usize,
     /// How often `serve` looks at Pickup and the queue.
     pub poll_interval: Duration,
-    /// How long a deferred message waits before the next attempt.
-    pub retry_delay: Duration,
+    /// The retry profile, by name: `postfix` (default) or `iis`; the
+    /// schedules themselves are defined by the component.
+    pub retry_profile: String,
+    /// Override the profile's delay notice: `Some(None)` never sends one.
+    pub delay_notice_after: Option<Option<Duration>>,
+    /// Override the profile's give-up time.
+    pub give_up_after: Option<Duration>,
     /// A file modified more recently than this is still being written.
     pub settle_time: Duration,
     /// Component failures (trap or CPU stop) on one message before it goes to Badmail.
@@ -101,7 +106,9 @@ impl Settings {
             smtp_timeouts: SmtpTimeouts::default(),
             workers: 8,
             poll_interval: Duration::from_secs(1),
-            retry_delay: Duration::from_secs(300),
+            retry_profile: "postfix".to_string(),
+            delay_notice_after: None,
+            give_up_after: None,
             settle_time: Duration::from_secs(1),
             max_component_failures: 3,
         }

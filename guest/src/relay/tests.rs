@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::*;
+use crate::retry::Schedule;
 use crate::route::MxRecord;
 use crate::smtp::SocketError;
 
@@ -119,6 +120,7 @@ struct FakeHost {
     servers: HashMap<String, Rc<RefCell<Server>>>,
     connects: Vec<String>,
     logs: Vec<String>,
+    now_ms: u64,
 }
 
 impl FakeHost {
@@ -155,6 +157,11 @@ impl Capabilities for FakeHost {
             .cloned()
             .ok_or_else(|| ReadError::Unavailable("no such file".into()))
     }
+    fn read_queue_head(&mut self, name: &str, max_bytes: u64) -> Result<Vec<u8>, ReadError> {
+        let mut bytes = self.read_queue_file(name)?;
+        bytes.truncate(max_bytes as usize);
+        Ok(bytes)
+    }
     fn lookup_mx(&mut self, domain: &str) -> MxAnswer {
         self.mx.get(domain).cloned().unwrap_or(MxAnswer::NxDomain)
     }
@@ -168,6 +175,12 @@ impl Capabilities for FakeHost {
         self.connects.push(address.to_string());
         match self.servers.get(address) {
             Some(server) => {
+                // A new connection starts with empty buffers, as TCP does.
+                let mut state = server.borrow_mut();
+                state.input.clear();
+                state.output.clear();
+                state.in_data = false;
+                drop(state);
                 let greeting = server.borrow().greeting.clone();
                 server
                     .borrow_mut()
@@ -179,7 +192,7 @@ impl Capabilities for FakeHost {
         }
     }
     fn now_ms(&mut self) -> u64 {
-        0
+        self.now_ms
     }
     fn log(&mut self, _: Level, message: &str) {
         self.logs.push(message.to_string());
@@ -192,6 +205,7 @@ fn options() -> Options {
         smtp_port: 25,
         limits: Limits::default(),
         timeouts: Timeouts::default(),
+        retry: Schedule::iis(),
     }
 }
 
@@ -205,6 +219,29 @@ fn host_with_message() -> FakeHost {
     let mut host = FakeHost::default();
     host.files.insert("Q1.eml".into(), MESSAGE.to_vec());
     host
+}
+
+const ARRIVAL: u64 = 1_800_000_000_000;
+
+fn state(attempts: u32, delay_notice_sent: bool) -> QueueState {
+    QueueState {
+        queue_id: "Q1".into(),
+        attempts,
+        arrival_ms: ARRIVAL,
+        delay_notice_sent,
+    }
+}
+
+/// A first attempt, right at arrival: only the outcomes.
+fn deliver_once(
+    host: &mut FakeHost,
+    file: &str,
+    sender: &str,
+    recipients: &[String],
+    options: &Options,
+) -> Vec<RecipientOutcome> {
+    host.now_ms = ARRIVAL;
+    deliver(host, file, sender, recipients, &state(0, false), options).outcomes
 }
 
 fn delivered(outcome: &RecipientOutcome) -> bool {
@@ -257,7 +294,7 @@ fn two_domains_two_transactions_with_dot_stuffing() {
     host.ip("mx.two.test", "127.0.0.2");
     let one = host.server("127.0.0.1");
     let two = host.server("127.0.0.2");
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "s@src.test",
@@ -298,7 +335,7 @@ fn mx_order_and_fallback_on_refusal_and_4xx() {
     host.ip("backup.one.test", "127.0.0.3");
     host.server("127.0.0.2").borrow_mut().greeting = "421 too busy".into();
     let backup = host.server("127.0.0.3");
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "s@src.test",
@@ -320,7 +357,7 @@ fn per_recipient_results() {
         ("RCPT TO:<GONE@".into(), "550 5.1.1 no such user".into()),
         ("RCPT TO:<LATER@".into(), "451 4.3.0 try later".into()),
     ];
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "",
@@ -357,7 +394,7 @@ fn helo_fallback_without_pipelining() {
     host.ip("mx.one.test", "127.0.0.1");
     let server = host.server("127.0.0.1");
     server.borrow_mut().rules = vec![("EHLO".into(), "502 5.5.1 what".into())];
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "s@src.test",
@@ -386,7 +423,7 @@ fn dns_outcomes() {
     host.mx.insert("aonly.test".into(), MxAnswer::NoRecords);
     host.ip("aonly.test", "127.0.0.9");
     let aonly = host.server("127.0.0.9");
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "s@src.test",
@@ -411,7 +448,7 @@ fn eight_bit_to_a_seven_bit_server_is_refused_not_altered() {
     host.mx("one.test", &[(10, "mx.one.test")]);
     host.ip("mx.one.test", "127.0.0.1");
     host.server("127.0.0.1").borrow_mut().extensions = vec!["PIPELINING".into()];
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "s@src.test",
@@ -427,7 +464,7 @@ fn garbage_and_silence_are_temporary() {
     host.mx("one.test", &[(10, "mx.one.test")]);
     host.ip("mx.one.test", "127.0.0.1");
     host.server("127.0.0.1").borrow_mut().greeting = "HELLO I AM NOT SMTP".into();
-    let outcomes = deliver(
+    let outcomes = deliver_once(
         &mut host,
         "Q1.eml",
         "s@src.test",
@@ -438,5 +475,180 @@ fn garbage_and_silence_are_temporary() {
     assert!(
         failure(&outcomes[0]).text.contains("protocol error"),
         "{outcomes:?}"
+    );
+}
+
+fn one_domain_host(rules: Vec<(String, String)>) -> FakeHost {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    host.server("127.0.0.1").borrow_mut().rules = rules;
+    host
+}
+
+fn text(notice: &[u8]) -> String {
+    String::from_utf8(notice.to_vec()).unwrap()
+}
+
+#[test]
+fn failures_of_one_attempt_share_one_dsn() {
+    let mut host = one_domain_host(vec![
+        ("RCPT TO:<GONE@".into(), "550 5.1.1 no such user".into()),
+        ("RCPT TO:<LOST@".into(), "553 5.1.3 bad mailbox".into()),
+    ]);
+    host.now_ms = ARRIVAL;
+    let report = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["ok@one.test", "gone@one.test", "lost@one.test"]),
+        &state(0, false),
+        &options(),
+    );
+    assert_eq!(report.notices.len(), 1);
+    assert_eq!(report.next_attempt_ms, None, "nothing pending");
+    let dsn = text(&report.notices[0].message);
+    assert!(dsn.contains("To: <s@src.test>"));
+    assert!(
+        dsn.contains(
+            "Final-Recipient: rfc822; gone@one.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        )
+    );
+    assert!(
+        dsn.contains(
+            "Final-Recipient: rfc822; lost@one.test\r\nAction: failed\r\nStatus: 5.1.3\r\n"
+        )
+    );
+    assert!(dsn.contains("Diagnostic-Code: smtp; RCPT TO: 550 5.1.1 no such user"));
+    assert!(!dsn.contains("ok@one.test\r\nAction"));
+    let reason = report.badmail.unwrap();
+    assert!(
+        reason.contains("2 recipient(s)") && reason.contains("a DSN was sent to <s@src.test>"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn deferred_recipients_get_the_next_attempt_time_and_one_delay_notice() {
+    let mut host = one_domain_host(vec![("RCPT TO:<LATER@".into(), "451 4.2.0 busy".into())]);
+    // First attempt at arrival: retry in 15 minutes (IIS), no notice yet.
+    host.now_ms = ARRIVAL;
+    let first = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["later@one.test"]),
+        &state(0, false),
+        &options(),
+    );
+    assert_eq!(first.next_attempt_ms, Some(ARRIVAL + 15 * 60_000));
+    assert!(first.notices.is_empty() && !first.delay_notice_sent);
+    // 13 hours later: the delay notice, with Will-Retry-Until two days after arrival.
+    host.now_ms = ARRIVAL + 13 * 3_600_000;
+    let late = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["later@one.test"]),
+        &state(6, false),
+        &options(),
+    );
+    assert!(late.delay_notice_sent);
+    assert_eq!(late.notices.len(), 1);
+    let dsn = text(&late.notices[0].message);
+    assert!(
+        dsn.contains("Action: delayed\r\nStatus: 4.2.0\r\n"),
+        "{dsn}"
+    );
+    assert!(dsn.contains(&format!(
+        "Will-Retry-Until: {}",
+        crate::date::rfc5322(ARRIVAL + 2 * 86_400_000)
+    )));
+    // Once sent, never again.
+    let again = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["later@one.test"]),
+        &state(7, true),
+        &options(),
+    );
+    assert!(again.notices.is_empty() && !again.delay_notice_sent);
+}
+
+#[test]
+fn expiry_fails_pending_recipients_with_4_4_7() {
+    let mut host = one_domain_host(vec![("RCPT TO:<LATER@".into(), "451 4.2.0 busy".into())]);
+    host.now_ms = ARRIVAL + 2 * 86_400_000;
+    let report = deliver(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["later@one.test"]),
+        &state(12, true),
+        &options(),
+    );
+    assert_eq!(report.next_attempt_ms, None);
+    let f = failure(&report.outcomes[0]);
+    assert!(f.permanent && f.status == "4.4.7", "{f:?}");
+    assert!(f.text.contains("451 4.2.0 busy"), "{f:?}");
+    let dsn = text(&report.notices[0].message);
+    assert!(dsn.contains("Action: failed\r\nStatus: 4.4.7\r\n"), "{dsn}");
+}
+
+#[test]
+fn the_null_sender_never_gets_a_dsn() {
+    let mut host = one_domain_host(vec![(
+        "RCPT TO:<GONE@".into(),
+        "550 5.1.1 no such user".into(),
+    )]);
+    host.now_ms = ARRIVAL;
+    let report = deliver(
+        &mut host,
+        "Q1.eml",
+        "",
+        &rcpts(&["gone@one.test"]),
+        &state(0, false),
+        &options(),
+    );
+    assert!(report.notices.is_empty());
+    let reason = report.badmail.unwrap();
+    assert!(
+        reason.contains("null sender") && reason.contains("550 5.1.1"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn an_oversized_message_gets_a_dsn_with_its_headers_only() {
+    let mut host = FakeHost::default();
+    let mut raw = b"x-sender: s@src.test\r\nx-receiver: r@one.test\r\nFrom: s@src.test\r\nSubject: huge\r\n\r\n".to_vec();
+    raw.extend(std::iter::repeat_n(b'B', 4000));
+    host.files.insert("big".into(), raw);
+    let mut opts = options();
+    opts.limits.max_message_bytes = 1000;
+    let rejection = accept(&mut host, "big", "Q9", &opts).unwrap_err();
+    assert_eq!(rejection.code, "too-large");
+    let dsn = text(&rejection.notice.unwrap().message);
+    assert!(dsn.contains("To: <s@src.test>"));
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; r@one.test\r\nAction: failed\r\nStatus: 5.3.4\r\n")
+    );
+    assert!(dsn.contains("text/rfc822-headers\r\n\r\nFrom: s@src.test\r\nSubject: huge\r\n"));
+    assert!(!dsn.contains("BBBB") && !dsn.contains("x-sender"));
+    // No DSN for the null sender.
+    host.files.insert(
+        "big0".into(),
+        [
+            b"x-sender: <>\r\nx-receiver: r@one.test\r\n".to_vec(),
+            vec![b'x'; 2000],
+        ]
+        .concat(),
+    );
+    assert!(
+        accept(&mut host, "big0", "Q10", &opts)
+            .unwrap_err()
+            .notice
+            .is_none()
     );
 }

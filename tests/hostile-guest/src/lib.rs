@@ -50,9 +50,10 @@ mod hostile {
             file: String,
             sender: String,
             recipients: Vec<String>,
+            state: stages::QueueState,
             options: stages::RelayOptions,
-        ) -> Vec<stages::RecipientOutcome> {
-            <Component as stages::Guest>::deliver(file, sender, recipients, options)
+        ) -> stages::DeliveryReport {
+            <Component as stages::Guest>::deliver(file, sender, recipients, state, options)
         }
     }
 
@@ -75,6 +76,24 @@ mod hostile {
         }
         fn build_bounce(request: types::BounceRequest) -> Vec<u8> {
             <Component as logic::Guest>::build_bounce(request)
+        }
+        fn plan_retry(
+            schedule: types::RetrySchedule,
+            attempts: u32,
+            arrival_ms: u64,
+            now_ms: u64,
+            delay_notice_sent: bool,
+        ) -> types::RetryDecision {
+            <Component as logic::Guest>::plan_retry(
+                schedule,
+                attempts,
+                arrival_ms,
+                now_ms,
+                delay_notice_sent,
+            )
+        }
+        fn retry_profile(name: String) -> Option<types::RetrySchedule> {
+            <Component as logic::Guest>::retry_profile(name)
         }
     }
 
