@@ -326,3 +326,33 @@ fn per_recipient_replies_deliver_some_and_report_the_rest() {
         ]
     );
 }
+
+#[test]
+fn lines_over_998_characters_are_broken_before_sending() {
+    let peer = SmtpPeer::start();
+    let dns = Dns::start(&[mx("d1", 10, "mx.d1"), a("mx.d1", peer.ip)], &[]);
+    let root = TestMailroot::new(&dns);
+    let long = "x".repeat(3000);
+    root.drop_file(
+        "long.eml",
+        &pickup_file(
+            "s@src.test",
+            &["r@d1.test"],
+            &format!("Subject: long\r\n\r\n{long}\r\nend\r\n"),
+        ),
+    );
+    assert_eq!(root.run_once(&[]), 0);
+    let got = peer.messages();
+    assert_eq!(got.len(), 1);
+    let text = got[0].text();
+    assert!(
+        text.split("\r\n").all(|line| line.len() <= 998),
+        "no line over 998 characters"
+    );
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    assert_eq!(
+        body.replace("\r\n ", ""),
+        format!("{long}\r\nend\r\n"),
+        "broken with CRLF SP, nothing lost"
+    );
+}

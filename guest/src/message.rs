@@ -325,11 +325,29 @@ pub fn summarize(raw: &[u8]) -> Result<Summary, ParseError> {
     })
 }
 
-/// Rewrite every line ending as CRLF.
+/// Rewrite every line ending as CRLF, and break lines longer than 998
+/// characters (RFC 5322 2.1.1) by inserting CRLF and a space, as Postfix's
+/// `smtp_line_length_limit` does: in a header that is folding, and in a body
+/// it is the least damage a line can take. UTF-8 sequences are never split.
 pub fn to_crlf(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 50 + 2);
     for (content, _) in lines(bytes) {
-        out.extend_from_slice(content);
+        let mut rest = content;
+        let mut limit = MAX_LINE_LENGTH;
+        while rest.len() > limit {
+            let mut cut = limit;
+            // Back off to the start of a UTF-8 sequence.
+            while cut > 1 && rest.get(cut).is_some_and(|b| b & 0xC0 == 0x80) {
+                cut -= 1;
+            }
+            let (head, tail) = rest.split_at(cut);
+            out.extend_from_slice(head);
+            out.extend_from_slice(b"\r\n ");
+            rest = tail;
+            // The continuation line starts with the inserted space.
+            limit = MAX_LINE_LENGTH - 1;
+        }
+        out.extend_from_slice(rest);
         out.extend_from_slice(b"\r\n");
     }
     out
@@ -404,6 +422,17 @@ mod tests {
         raw.extend_from_slice(b"\r\n");
         let stats = line_stats(&raw);
         assert_eq!((stats.long_lines, stats.longest_line), (1, 1200));
+    }
+
+    #[test]
+    fn long_lines_are_broken_never_longer_than_998() {
+        let mut raw = "é".repeat(1000).into_bytes(); // 2,000 bytes of two-byte characters
+        raw.extend_from_slice(b"\n");
+        let out = to_crlf(&raw);
+        let text = String::from_utf8(out.clone()).expect("UTF-8 stays whole");
+        assert!(lines(&out).all(|(content, _)| content.len() <= MAX_LINE_LENGTH));
+        assert_eq!(text.replace("\r\n ", "").trim_end(), "é".repeat(1000));
+        assert_eq!(line_stats(&out).long_lines, 0);
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub fn validate(raw: &[u8], limits: &Limits) -> Vec<Finding> {
         findings.push(Finding::warning(
             "long-lines",
             format!(
-                "{} lines are longer than {MAX_LINE_LENGTH} characters (the longest has {})",
+                "{} lines are longer than {MAX_LINE_LENGTH} characters (the longest has {}); they are broken before sending",
                 stats.long_lines, stats.longest_line
             ),
         ));

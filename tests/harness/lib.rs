@@ -363,6 +363,99 @@ impl TestMailroot {
     }
 }
 
+/// A clock the test moves by hand: the relay's queue and component see it.
+#[derive(Clone)]
+pub struct ManualClock(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl ManualClock {
+    /// Starting at the real time, so that backdated Pickup files are settled.
+    pub fn now() -> Self {
+        let ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        ManualClock(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(ms)))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl mailroot::clock::Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.get()
+    }
+}
+
+impl TestMailroot {
+    /// A relay on this mailroot, in-process, with `clock` and these options.
+    pub fn relay(&self, clock: &ManualClock, extra: &[&str]) -> mailroot::Relay {
+        let mailroot::cli::Command::Serve { settings, .. } =
+            mailroot::cli::parse(self.args(extra)).unwrap()
+        else {
+            panic!("not a serve command");
+        };
+        mailroot::Relay::with_clock(*settings, std::sync::Arc::new(clock.clone())).unwrap()
+    }
+}
+
+/// One part of a MIME multipart body: its headers and body, as text.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub headers: String,
+    pub body: String,
+}
+
+/// Split a `multipart/*` message into its parts (enough for DSNs).
+pub fn mime_parts(message: &str) -> Vec<Part> {
+    let boundary = message
+        .split("boundary=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no boundary in {message}"));
+    let delimiter = format!("\r\n--{boundary}");
+    message
+        .split(&delimiter)
+        .skip(1)
+        .filter(|chunk| !chunk.starts_with("--"))
+        .map(|chunk| {
+            let chunk = chunk.trim_start_matches("\r\n");
+            let (headers, body) = chunk.split_once("\r\n\r\n").unwrap_or((chunk, ""));
+            Part {
+                headers: headers.to_string(),
+                body: body.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The value of header `name` in a header block (first occurrence, unfolded).
+pub fn header(block: &str, name: &str) -> Option<String> {
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    let mut lines = block.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        if line.to_ascii_lowercase().starts_with(&prefix) {
+            let mut value = line[prefix.len()..].trim().to_string();
+            while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+                value.push(' ');
+                value.push_str(next.trim());
+                lines.next();
+            }
+            return Some(value);
+        }
+    }
+    None
+}
+
 /// Set a file's modification time 10 s into the past.
 pub fn backdate(path: &Path) {
     let file = fs::OpenOptions::new().write(true).open(path).unwrap();

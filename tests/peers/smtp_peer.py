@@ -6,7 +6,7 @@ tests can check exactly what reached the server. Options inject the replies
 real servers give: a 4xx to MAIL, a 5xx/4xx to chosen recipients.
 
     smtp_peer.py --listen 127.0.0.2:2525 --out DIR [--mail-reply "451 4.3.2 busy"]
-                 [--rcpt-reply "gone@=550 5.1.1 no such user"] ...
+                 [--rcpt-reply "gone@=550 5.1.1 no such user"] [--rcpt-fail-first "later@=1"]
 """
 import argparse
 import asyncio
@@ -18,10 +18,12 @@ from aiosmtpd.smtp import SMTP
 
 
 class Recorder:
-    def __init__(self, out, mail_reply, rcpt_replies):
+    def __init__(self, out, mail_reply, rcpt_replies, rcpt_fail_first):
         self.out = out
         self.mail_reply = mail_reply
         self.rcpt_replies = rcpt_replies
+        # prefix -> how many more RCPTs for it get a 451 before it is accepted
+        self.rcpt_fail_first = dict(rcpt_fail_first)
 
     def record(self, kind, **fields):
         with open(os.path.join(self.out, "events.jsonl"), "a", encoding="utf-8") as f:
@@ -40,6 +42,10 @@ class Recorder:
         for prefix, reply in self.rcpt_replies:
             if address.startswith(prefix):
                 return reply
+        for prefix, left in self.rcpt_fail_first.items():
+            if address.startswith(prefix) and left > 0:
+                self.rcpt_fail_first[prefix] = left - 1
+                return "451 4.2.0 mailbox busy, try again"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -67,10 +73,13 @@ async def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--mail-reply")
     parser.add_argument("--rcpt-reply", action="append", default=[])
+    parser.add_argument("--rcpt-fail-first", action="append", default=[],
+                        help="PREFIX=N: answer 451 to the first N RCPTs starting with PREFIX")
     args = parser.parse_args()
     host, port = args.listen.rsplit(":", 1)
     rcpt_replies = [tuple(r.split("=", 1)) for r in args.rcpt_reply]
-    handler = Recorder(args.out, args.mail_reply, rcpt_replies)
+    rcpt_fail_first = [(p, int(n)) for p, n in (r.rsplit("=", 1) for r in args.rcpt_fail_first)]
+    handler = Recorder(args.out, args.mail_reply, rcpt_replies, rcpt_fail_first)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: RecordingSMTP(handler, decode_data=False, enable_SMTPUTF8=True, ident="mailroot test peer"),
