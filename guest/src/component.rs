@@ -110,6 +110,86 @@ impl From<wit::RetrySchedule> for retry::Schedule {
     }
 }
 
+fn finding(f: validate::Finding) -> wit::Finding {
+    wit::Finding {
+        severity: match f.severity {
+            validate::Severity::Warning => wit::Severity::Warning,
+            validate::Severity::Reject => wit::Severity::Reject,
+        },
+        code: f.code,
+        text: f.text,
+    }
+}
+
+impl From<wit::TlsMode> for route::TlsMode {
+    fn from(t: wit::TlsMode) -> Self {
+        match t {
+            wit::TlsMode::None => route::TlsMode::None,
+            wit::TlsMode::Opportunistic => route::TlsMode::Opportunistic,
+            wit::TlsMode::Required => route::TlsMode::Required,
+            wit::TlsMode::Verify => route::TlsMode::Verify,
+        }
+    }
+}
+
+impl From<route::TlsMode> for wit::TlsMode {
+    fn from(t: route::TlsMode) -> Self {
+        match t {
+            route::TlsMode::None => wit::TlsMode::None,
+            route::TlsMode::Opportunistic => wit::TlsMode::Opportunistic,
+            route::TlsMode::Required => wit::TlsMode::Required,
+            route::TlsMode::Verify => wit::TlsMode::Verify,
+        }
+    }
+}
+
+impl From<wit::NextHop> for route::NextHop {
+    fn from(h: wit::NextHop) -> Self {
+        route::NextHop {
+            hosts: h.hosts,
+            port: h.port,
+            tls: h.tls.into(),
+            credentials: h.credentials.map(|c| route::Credentials {
+                username: c.username,
+                password: c.password,
+            }),
+        }
+    }
+}
+
+impl From<route::NextHop> for wit::NextHop {
+    fn from(h: route::NextHop) -> Self {
+        wit::NextHop {
+            hosts: h.hosts,
+            port: h.port,
+            tls: h.tls.into(),
+            credentials: h.credentials.map(|c| wit::Credentials {
+                username: c.username,
+                password: c.password,
+            }),
+        }
+    }
+}
+
+impl From<wit::Routing> for route::Routing {
+    fn from(r: wit::Routing) -> Self {
+        route::Routing {
+            local_domains: r.local_domains,
+            routes: r
+                .routes
+                .into_iter()
+                .map(|d| route::DomainRoute {
+                    domain: d.domain,
+                    hop: d.hop.into(),
+                })
+                .collect(),
+            smarthost: r.smarthost.map(Into::into),
+            mx_tls: r.mx_tls.into(),
+            masquerade_domain: r.masquerade_domain,
+        }
+    }
+}
+
 fn dsn_action(a: wit::DsnAction) -> bounce::Action {
     match a {
         wit::DsnAction::Failed => bounce::Action::Failed,
@@ -155,17 +235,18 @@ impl plugin::Guest for Component {
         })
     }
 
+    fn choose_route(domain: String, routing: wit::Routing) -> wit::RouteChoice {
+        match route::choose_route(&domain, &routing.into()) {
+            route::RouteChoice::LocalDrop => wit::RouteChoice::LocalDrop,
+            route::RouteChoice::Fixed(rule, hop) => wit::RouteChoice::Fixed((rule, hop.into())),
+            route::RouteChoice::Mx(tls) => wit::RouteChoice::Mx(tls.into()),
+        }
+    }
+
     fn validate(raw: Vec<u8>, limits: wit::Limits) -> Vec<wit::Finding> {
         validate::validate(&raw, &limits.into())
             .into_iter()
-            .map(|f| wit::Finding {
-                severity: match f.severity {
-                    validate::Severity::Warning => wit::Severity::Warning,
-                    validate::Severity::Reject => wit::Severity::Reject,
-                },
-                code: f.code,
-                text: f.text,
-            })
+            .map(finding)
             .collect()
     }
 
@@ -330,6 +411,13 @@ mod relay_world {
             smtp_socket::Connection::connect(address, port, timeout_ms).map_err(Into::into)
         }
 
+        fn write_drop(&mut self, content: &[u8]) -> Result<String, String> {
+            folders::write_drop(content).map_err(|e| match read_error("Drop", e) {
+                ReadError::TooLarge(size) => format!("{size} bytes is too large"),
+                ReadError::Unavailable(why) => why,
+            })
+        }
+
         fn now_ms(&mut self) -> u64 {
             clock::now_ms()
         }
@@ -361,10 +449,32 @@ mod relay_world {
                 data_end: t.data_end,
             },
             retry: o.retry.into(),
+            routing: o.routing.into(),
+            max_recipients_per_transaction: o.max_recipients_per_transaction,
         }
     }
 
     impl exports::Guest for Component {
+        fn explain(raw: Vec<u8>, o: exports::RelayOptions) -> exports::Explanation {
+            let e = relay::explain(&mut Imports, &raw, &options(o));
+            exports::Explanation {
+                envelope: e.envelope.map(Into::into),
+                findings: e.findings.into_iter().map(super::finding).collect(),
+                routes: e
+                    .routes
+                    .into_iter()
+                    .map(|(recipient, r)| exports::RecipientRoute {
+                        recipient,
+                        via: r.via,
+                        hosts: r.hosts,
+                        port: r.port,
+                        tls: r.tls.into(),
+                        failure: r.failure.map(Into::into),
+                    })
+                    .collect(),
+            }
+        }
+
         fn accept(
             file: String,
             queue_id: String,

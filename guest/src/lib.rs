@@ -17,6 +17,7 @@
 pub mod address;
 pub mod bounce;
 pub mod cleanup;
+pub mod client;
 pub mod date;
 pub mod envelope;
 pub mod message;

@@ -6,12 +6,15 @@
 
 use crate::bounce::{self, Action, BounceRequest, DsnRecipient};
 use crate::cleanup;
+use crate::client::{Target, deliver_to_target, not_delivered};
 use crate::date;
 use crate::envelope::{self, Envelope};
 use crate::message;
 use crate::retry::Schedule;
 use crate::route::{self, AddressAnswer, Failure, MxAnswer};
-use crate::smtp::{self, Connection, DialogueError, Extensions, Reply, ReplyReader};
+use crate::route::{RouteChoice, Routing, TlsMode};
+use crate::smtp::{self, Connection};
+use crate::validate::Finding;
 use crate::validate::{self, Limits, Severity};
 
 /// Log levels of the host's log.
@@ -46,6 +49,8 @@ pub trait Capabilities {
         port: u16,
         timeout_ms: u32,
     ) -> Result<Self::Conn, smtp::SocketError>;
+    /// Write a new file into the Drop folder; its name, or why not.
+    fn write_drop(&mut self, content: &[u8]) -> Result<String, String>;
     fn now_ms(&mut self) -> u64;
     fn log(&mut self, level: Level, message: &str);
 }
@@ -86,6 +91,10 @@ pub struct Options {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub retry: Schedule,
+    /// Local domains, routes, smart host, TLS policy, masquerading.
+    pub routing: Routing,
+    /// Most recipients in one transaction (100).
+    pub max_recipients_per_transaction: u32,
 }
 
 /// A message ready for the queue.
@@ -138,6 +147,24 @@ pub struct DeliveryReport {
     pub delay_notice_sent: bool,
     /// Recipients failed for a null-sender message: the Badmail reason.
     pub badmail: Option<String>,
+}
+
+/// What the relay would do with one recipient's domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientRoute {
+    pub via: String,
+    pub hosts: Vec<String>,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub failure: Option<Failure>,
+}
+
+/// What the relay would do with a pickup file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub envelope: Result<Envelope, String>,
+    pub findings: Vec<Finding>,
+    pub routes: Vec<(String, RecipientRoute)>,
 }
 
 /// Header bytes read from a file too large to read whole.
@@ -221,6 +248,7 @@ pub fn accept<C: Capabilities>(
     };
     let parsed = message::parse(&raw).map_err(|e| rejected(e.to_string()))?;
     let envelope = envelope::from_parsed(&parsed).map_err(|e| rejected(e.to_string()))?;
+    let envelope = masquerade(envelope, &options.routing);
     let now_ms = caps.now_ms();
     let ctx = cleanup::Context {
         queue_id,
@@ -472,402 +500,192 @@ fn attempt<C: Capabilities>(
     let seed = caps.now_ms();
     let mut outcomes = Vec::with_capacity(recipients.len());
     for (domain, group) in route::group_by_domain(recipients) {
-        let answer = caps.lookup_mx(&domain);
-        match route::plan_delivery(&domain, &answer, seed) {
+        let target = match resolve_target(caps, &domain, &options.routing, options.smtp_port, seed)
+        {
+            Ok(Destination::Drop) => {
+                outcomes.extend(drop_locally(caps, sender, &group, &message));
+                continue;
+            }
+            Ok(Destination::Remote(target)) => target,
             Err(failure) => {
                 caps.log(Level::Info, &format!("{domain}: {}", failure.text));
                 outcomes.extend(group.iter().map(|r| not_delivered(r, &failure, None)));
+                continue;
             }
-            Ok(plan) => outcomes.extend(deliver_to_domain(
-                caps, &plan, sender, &group, &message, options,
-            )),
-        }
+        };
+        outcomes.extend(deliver_to_target(
+            caps, &target, sender, &group, &message, options,
+        ));
     }
     (outcomes, message)
 }
 
-fn not_delivered(recipient: &str, failure: &Failure, remote_mta: Option<&str>) -> RecipientOutcome {
-    RecipientOutcome {
-        recipient: recipient.to_string(),
-        result: RecipientResult::NotDelivered(failure.clone()),
-        remote_mta: remote_mta.map(str::to_string),
-    }
+/// Where the mail of one domain goes, resolved as far as DNS allows.
+enum Destination {
+    Drop,
+    Remote(Target),
 }
 
-/// Try the hosts of `plan` in order until every recipient has a final answer;
-/// recipients that only got temporary failures move on to the next host.
-fn deliver_to_domain<C: Capabilities>(
+/// Apply the routing table, then look up MX records when the route says MX.
+fn resolve_target<C: Capabilities>(
     caps: &mut C,
-    plan: &route::DeliveryPlan,
+    domain: &str,
+    routing: &Routing,
+    mx_port: u16,
+    seed: u64,
+) -> Result<Destination, Failure> {
+    let (tls, credentials) = match route::choose_route(domain, routing) {
+        RouteChoice::LocalDrop => return Ok(Destination::Drop),
+        RouteChoice::Fixed(_, hop) => {
+            return Ok(Destination::Remote(Target {
+                domain: domain.to_string(),
+                hosts: hop.hosts,
+                port: hop.port,
+                tls: hop.tls,
+                credentials: hop.credentials,
+                implicit_mx: false,
+            }));
+        }
+        RouteChoice::Mx(tls) => (tls, None),
+    };
+    // An address literal (`user@[192.0.2.1]`) names its host directly.
+    if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        let ip = literal.strip_prefix("IPv6:").unwrap_or(literal).to_string();
+        return Ok(Destination::Remote(Target {
+            domain: domain.to_string(),
+            hosts: vec![ip],
+            port: mx_port,
+            tls,
+            credentials,
+            implicit_mx: false,
+        }));
+    }
+    let answer = caps.lookup_mx(domain);
+    let plan = route::plan_delivery(domain, &answer, seed)?;
+    Ok(Destination::Remote(Target {
+        domain: plan.domain,
+        hosts: plan.hosts,
+        port: mx_port,
+        tls,
+        credentials,
+        implicit_mx: plan.implicit_mx,
+    }))
+}
+
+/// Write the message for local recipients into Drop, IIS style: envelope
+/// lines first, so whatever reads Drop knows sender and recipients.
+fn drop_locally<C: Capabilities>(
+    caps: &mut C,
     sender: &str,
     recipients: &[String],
     message: &[u8],
-    options: &Options,
 ) -> Vec<RecipientOutcome> {
-    let mut done: Vec<RecipientOutcome> = Vec::new();
-    let mut pending: Vec<RecipientOutcome> = recipients
-        .iter()
-        .map(|r| {
-            not_delivered(
-                r,
-                &Failure::temporary(
-                    "4.4.1",
-                    format!("no exchanger of {} could be reached", plan.domain),
-                ),
-                None,
-            )
-        })
-        .collect();
-    'hosts: for host in &plan.hosts {
-        let addresses = match caps.lookup_ip(host) {
-            AddressAnswer::Addresses(list) if !list.is_empty() => list,
-            AddressAnswer::Addresses(_) | AddressAnswer::NoRecords => {
-                set_failure(
-                    &mut pending,
-                    &Failure::temporary("4.4.3", format!("{host} has no A or AAAA record")),
-                    None,
-                );
-                continue;
-            }
-            AddressAnswer::NxDomain if plan.implicit_mx => {
-                let failure = Failure::permanent(
-                    "5.1.2",
-                    format!(
-                        "the domain {} has neither MX nor address records",
-                        plan.domain
-                    ),
-                );
-                set_failure(&mut pending, &failure, None);
-                done.append(&mut pending);
-                break;
-            }
-            AddressAnswer::NxDomain => {
-                set_failure(
-                    &mut pending,
-                    &Failure::temporary("4.4.3", format!("the exchanger {host} does not exist")),
-                    None,
-                );
-                continue;
-            }
-            AddressAnswer::Temporary(why) => {
-                set_failure(
-                    &mut pending,
-                    &Failure::temporary(
-                        "4.4.3",
-                        format!("address lookup for {host} failed: {why}"),
-                    ),
-                    None,
-                );
-                continue;
-            }
-        };
-        for address in addresses {
-            let remote = format!("{host} [{address}]");
-            let rcpts: Vec<String> = pending.iter().map(|o| o.recipient.clone()).collect();
-            match transaction(caps, &address, host, sender, &rcpts, message, options) {
-                Err(failure) => {
-                    caps.log(Level::Info, &format!("{remote}: {}", failure.text));
-                    set_failure(&mut pending, &failure, Some(&remote));
-                    if failure.permanent {
-                        done.append(&mut pending);
-                        break 'hosts;
-                    }
-                }
-                Ok(results) => {
-                    for (outcome, result) in pending.iter_mut().zip(results) {
-                        outcome.result = result;
-                        outcome.remote_mta = Some(host.clone());
-                    }
-                    let (finished, retry): (Vec<_>, Vec<_>) =
-                        pending.into_iter().partition(|o| match &o.result {
-                            RecipientResult::Delivered(_) => true,
-                            RecipientResult::NotDelivered(f) => f.permanent,
-                        });
-                    for outcome in &finished {
-                        log_outcome(caps, outcome, &remote);
-                    }
-                    done.extend(finished);
-                    pending = retry;
-                    if pending.is_empty() {
-                        break 'hosts;
-                    }
-                    // Temporary failures go on to the next exchanger, not the
-                    // next address of the one that just answered.
-                    continue 'hosts;
-                }
-            }
-        }
+    let mut content = format!("x-sender: <{sender}>\r\n").into_bytes();
+    for recipient in recipients {
+        content.extend_from_slice(format!("x-receiver: <{recipient}>\r\n").as_bytes());
     }
-    done.extend(pending);
-    let order = |o: &RecipientOutcome| {
-        recipients
+    content.extend_from_slice(message);
+    match caps.write_drop(&content) {
+        Ok(name) => recipients
             .iter()
-            .position(|r| *r == o.recipient)
-            .unwrap_or(usize::MAX)
-    };
-    done.sort_by_key(order);
-    done
-}
-
-fn set_failure(pending: &mut [RecipientOutcome], failure: &Failure, remote: Option<&str>) {
-    for outcome in pending {
-        outcome.result = RecipientResult::NotDelivered(failure.clone());
-        outcome.remote_mta = remote.map(str::to_string).or(outcome.remote_mta.take());
-    }
-}
-
-fn log_outcome<C: Capabilities>(caps: &mut C, outcome: &RecipientOutcome, remote: &str) {
-    match &outcome.result {
-        RecipientResult::Delivered(reply) => caps.log(
-            Level::Info,
-            &format!(
-                "to=<{}> relay={remote} status=sent ({reply})",
-                outcome.recipient
-            ),
-        ),
-        RecipientResult::NotDelivered(f) => caps.log(
-            Level::Info,
-            &format!(
-                "to=<{}> relay={remote} status=bounced ({})",
-                outcome.recipient, f.text
-            ),
-        ),
-    }
-}
-
-/// A failed exchange: 4xx and broken connections are temporary, 5xx permanent.
-fn reply_failure(stage: &str, reply: &Reply) -> Failure {
-    let text = format!("{stage}: {reply}");
-    if reply.is_permanent() {
-        Failure::permanent(&reply.status(), text)
-    } else {
-        Failure::temporary(&transient_status(reply), text)
-    }
-}
-
-/// A status for a reply treated as temporary: its own 4.x.x, a 5.x.x made
-/// 4.x.x, or 4.5.0 (protocol error) for a reply that was not an error at all.
-fn transient_status(reply: &Reply) -> String {
-    let status = reply.status();
-    match status.split_once('.') {
-        Some(("4", _)) => status,
-        Some(("5", rest)) => format!("4.{rest}"),
-        _ => "4.5.0".to_string(),
-    }
-}
-
-fn dialogue_failure(stage: &str, e: &DialogueError) -> Failure {
-    Failure::temporary("4.4.2", format!("{stage}: {e}"))
-}
-
-/// One connection, one transaction: returns the result of each recipient,
-/// in order, or a failure that applies to all of them.
-fn transaction<C: Capabilities>(
-    caps: &mut C,
-    address: &str,
-    host: &str,
-    sender: &str,
-    recipients: &[String],
-    message: &[u8],
-    options: &Options,
-) -> Result<Vec<RecipientResult>, Failure> {
-    let t = &options.timeouts;
-    let mut conn = caps
-        .connect(address, options.smtp_port, t.connect)
-        .map_err(|e| {
-            Failure::temporary(
-                "4.4.1",
-                format!("connect to {host} [{address}]:{}: {e}", options.smtp_port),
-            )
-        })?;
-    let mut reader = ReplyReader::default();
-    let mut exchange =
-        |conn: &mut C::Conn, stage: &str, command: &[u8], timeout: u32| -> Result<Reply, Failure> {
-            if !command.is_empty() {
-                conn.send(command, timeout)
-                    .map_err(|e| dialogue_failure(stage, &DialogueError::Socket(e)))?;
-            }
-            reader
-                .read(conn, timeout)
-                .map_err(|e| dialogue_failure(stage, &e))
-        };
-
-    let greeting = exchange(&mut conn, "greeting", b"", t.greeting)?;
-    if greeting.code != 220 {
-        // A 5xx greeting only says this host will not talk to us: try the next one.
-        return Err(Failure::temporary(
-            &transient_status(&greeting),
-            format!("greeting: {greeting}"),
-        ));
-    }
-    let ehlo = exchange(
-        &mut conn,
-        "EHLO",
-        format!("EHLO {}\r\n", options.hostname).as_bytes(),
-        t.mail,
-    )?;
-    let extensions = if ehlo.is_positive() {
-        Extensions::from_ehlo(&ehlo)
-    } else {
-        let helo = exchange(
-            &mut conn,
-            "HELO",
-            format!("HELO {}\r\n", options.hostname).as_bytes(),
-            t.mail,
-        )?;
-        if !helo.is_positive() {
-            return Err(reply_failure("HELO", &helo).into_temporary());
-        }
-        Extensions::default()
-    };
-
-    let stats = message::line_stats(message);
-    let needs_utf8 =
-        !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()) || header_has_utf8(message);
-    if let Some(failure) = unsendable(
-        &extensions,
-        stats.has_eight_bit,
-        needs_utf8,
-        message.len() as u64,
-        host,
-    ) {
-        let _ = conn.send(b"QUIT\r\n", t.mail);
-        return Ok(recipients
-            .iter()
-            .map(|_| RecipientResult::NotDelivered(failure.clone()))
-            .collect());
-    }
-    let mut mail = format!("MAIL FROM:<{sender}>");
-    if extensions.size.is_some() {
-        mail.push_str(&format!(" SIZE={}", message.len()));
-    }
-    if stats.has_eight_bit && extensions.eight_bit_mime {
-        mail.push_str(" BODY=8BITMIME");
-    }
-    if needs_utf8 {
-        mail.push_str(" SMTPUTF8");
-    }
-    mail.push_str("\r\n");
-    let rcpt_commands: Vec<String> = recipients
-        .iter()
-        .map(|r| format!("RCPT TO:<{r}>\r\n"))
-        .collect();
-
-    // With PIPELINING, MAIL and every RCPT leave in one write (RFC 2920).
-    let (mail_reply, rcpt_replies) = if extensions.pipelining {
-        let mut batch = mail.clone().into_bytes();
-        for command in &rcpt_commands {
-            batch.extend_from_slice(command.as_bytes());
-        }
-        let mail_reply = exchange(&mut conn, "MAIL FROM", &batch, t.mail)?;
-        let mut replies = Vec::with_capacity(rcpt_commands.len());
-        for _ in &rcpt_commands {
-            replies.push(exchange(&mut conn, "RCPT TO", b"", t.rcpt)?);
-        }
-        (mail_reply, replies)
-    } else {
-        let mail_reply = exchange(&mut conn, "MAIL FROM", mail.as_bytes(), t.mail)?;
-        let mut replies = Vec::with_capacity(rcpt_commands.len());
-        if mail_reply.is_positive() {
-            for command in &rcpt_commands {
-                replies.push(exchange(&mut conn, "RCPT TO", command.as_bytes(), t.rcpt)?);
-            }
-        }
-        (mail_reply, replies)
-    };
-    if !mail_reply.is_positive() {
-        let failure = reply_failure("MAIL FROM", &mail_reply);
-        let _ = conn.send(b"QUIT\r\n", t.mail);
-        if failure.permanent {
-            return Ok(recipients
+            .map(|r| {
+                caps.log(
+                    Level::Info,
+                    &format!("to=<{r}> relay=local status=sent (written to Drop/{name})"),
+                );
+                RecipientOutcome {
+                    recipient: r.clone(),
+                    result: RecipientResult::Delivered(format!("written to Drop/{name}")),
+                    remote_mta: None,
+                }
+            })
+            .collect(),
+        Err(why) => {
+            let failure =
+                Failure::temporary("4.3.0", format!("cannot write to the Drop folder: {why}"));
+            recipients
                 .iter()
-                .map(|_| RecipientResult::NotDelivered(failure.clone()))
-                .collect());
+                .map(|r| not_delivered(r, &failure, None))
+                .collect()
         }
-        return Err(failure);
-    }
-    let mut results: Vec<Option<RecipientResult>> = rcpt_replies
-        .iter()
-        .map(|reply| {
-            (!reply.is_positive())
-                .then(|| RecipientResult::NotDelivered(reply_failure("RCPT TO", reply)))
-        })
-        .collect();
-    if results.iter().all(Option::is_some) {
-        let _ = conn.send(b"QUIT\r\n", t.mail);
-        return Ok(results.into_iter().flatten().collect());
-    }
-    let data = exchange(&mut conn, "DATA", b"DATA\r\n", t.data_init)?;
-    let final_reply = if data.is_intermediate() {
-        let block = smtp::data_block(message);
-        exchange(
-            &mut conn,
-            "end of data",
-            &block,
-            t.data_block.max(t.data_end),
-        )?
-    } else {
-        data
-    };
-    let accepted = if final_reply.is_positive() {
-        RecipientResult::Delivered(final_reply.to_string())
-    } else {
-        RecipientResult::NotDelivered(reply_failure("DATA", &final_reply))
-    };
-    for slot in results.iter_mut().filter(|slot| slot.is_none()) {
-        *slot = Some(accepted.clone());
-    }
-    // QUIT is a courtesy; the mail is already accepted or refused.
-    let _ = exchange(&mut conn, "QUIT", b"QUIT\r\n", t.mail.min(10_000));
-    Ok(results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| accepted.clone()))
-        .collect())
-}
-
-impl Failure {
-    fn into_temporary(mut self) -> Self {
-        self.permanent = false;
-        self
     }
 }
 
-fn header_has_utf8(message: &[u8]) -> bool {
-    let end = message::header_section(message)
-        .map(|h| h.body_start)
-        .unwrap_or(0);
-    !message.get(..end).unwrap_or_default().is_ascii()
+/// What the relay would do with `raw`, without sending anything.
+pub fn explain<C: Capabilities>(caps: &mut C, raw: &[u8], options: &Options) -> Explanation {
+    let findings = validate::validate(raw, &options.limits);
+    let envelope = envelope::derive(raw)
+        .map(|e| masquerade(e, &options.routing))
+        .map_err(|e| e.to_string());
+    let mut routes = Vec::new();
+    if let Ok(env) = &envelope {
+        let seed = caps.now_ms();
+        for (domain, group) in route::group_by_domain(&env.recipients) {
+            let choice = route::choose_route(&domain, &options.routing);
+            let via = match &choice {
+                RouteChoice::LocalDrop => "local (Drop)".to_string(),
+                RouteChoice::Fixed(rule, _) => rule.clone(),
+                RouteChoice::Mx(_) => "MX".to_string(),
+            };
+            let route =
+                match resolve_target(caps, &domain, &options.routing, options.smtp_port, seed) {
+                    Ok(Destination::Drop) => RecipientRoute {
+                        via,
+                        hosts: Vec::new(),
+                        port: 0,
+                        tls: TlsMode::None,
+                        failure: None,
+                    },
+                    Ok(Destination::Remote(t)) => {
+                        let via = if t.implicit_mx {
+                            "implicit MX (A/AAAA)".to_string()
+                        } else {
+                            via
+                        };
+                        RecipientRoute {
+                            via,
+                            hosts: t.hosts,
+                            port: t.port,
+                            tls: t.tls,
+                            failure: None,
+                        }
+                    }
+                    Err(failure) => {
+                        let tls = match choice {
+                            RouteChoice::Mx(tls) => tls,
+                            _ => TlsMode::None,
+                        };
+                        RecipientRoute {
+                            via,
+                            hosts: Vec::new(),
+                            port: options.smtp_port,
+                            tls,
+                            failure: Some(failure),
+                        }
+                    }
+                };
+            routes.extend(
+                group
+                    .into_iter()
+                    .map(|recipient| (recipient, route.clone())),
+            );
+        }
+    }
+    Explanation {
+        envelope,
+        findings,
+        routes,
+    }
 }
 
-/// Refuse to send what the server said it cannot take, rather than alter it.
-fn unsendable(
-    ext: &Extensions,
-    eight_bit: bool,
-    needs_utf8: bool,
-    size: u64,
-    host: &str,
-) -> Option<Failure> {
-    if let Some(limit) = ext.size.filter(|&limit| limit > 0 && size > limit) {
-        return Some(Failure::permanent(
-            "5.3.4",
-            format!("the message is {size} bytes; {host} accepts at most {limit}"),
-        ));
+/// Rewrite the sender's domain to the masquerade domain (never the null sender).
+fn masquerade(mut envelope: Envelope, routing: &Routing) -> Envelope {
+    if let (Some(domain), Some((local, _))) =
+        (&routing.masquerade_domain, envelope.sender.rsplit_once('@'))
+    {
+        envelope.sender = format!("{local}@{domain}");
     }
-    if needs_utf8 && !ext.smtputf8 {
-        return Some(Failure::permanent(
-            "5.6.7",
-            format!(
-                "the message needs SMTPUTF8 (UTF-8 addresses or headers) and {host} does not offer it"
-            ),
-        ));
-    }
-    if eight_bit && !ext.eight_bit_mime && !ext.smtputf8 {
-        return Some(Failure::permanent(
-            "5.6.3",
-            format!("the message has 8-bit content and {host} does not offer 8BITMIME"),
-        ));
-    }
-    None
+    envelope
 }
 
 #[cfg(test)]

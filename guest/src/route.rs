@@ -139,6 +139,127 @@ pub fn group_by_domain(recipients: &[String]) -> Vec<(String, Vec<String>)> {
     groups
 }
 
+/// Whether and how to use STARTTLS toward a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain text only.
+    None,
+    /// When offered; plain text if the handshake fails before any mail data.
+    Opportunistic,
+    /// Always (defer otherwise); the certificate is not checked.
+    Required,
+    /// Always, with certificate and host name checks.
+    Verify,
+}
+
+impl TlsMode {
+    /// The name used in configuration and output.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsMode::None => "none",
+            TlsMode::Opportunistic => "opportunistic",
+            TlsMode::Required => "required",
+            TlsMode::Verify => "verify",
+        }
+    }
+}
+
+/// SMTP AUTH credentials. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credentials {{ username: {:?}, password: <hidden> }}",
+            self.username
+        )
+    }
+}
+
+/// A fixed next hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    pub hosts: Vec<String>,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub credentials: Option<Credentials>,
+}
+
+/// A route for a domain (`example.com`) or its subdomains (`*.example.com`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRoute {
+    pub domain: String,
+    pub hop: NextHop,
+}
+
+/// The operator's routing table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub local_domains: Vec<String>,
+    pub routes: Vec<DomainRoute>,
+    pub smarthost: Option<NextHop>,
+    pub mx_tls: TlsMode,
+    pub masquerade_domain: Option<String>,
+}
+
+impl Default for Routing {
+    /// Everything by MX, opportunistic TLS, no local domains.
+    fn default() -> Self {
+        Routing {
+            local_domains: Vec::new(),
+            routes: Vec::new(),
+            smarthost: None,
+            mx_tls: TlsMode::Opportunistic,
+            masquerade_domain: None,
+        }
+    }
+}
+
+/// Where the mail of one domain goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteChoice {
+    LocalDrop,
+    /// A fixed next hop, and the rule that chose it.
+    Fixed(String, NextHop),
+    Mx(TlsMode),
+}
+
+fn domain_matches(pattern: &str, domain: &str) -> bool {
+    let pattern = pattern.trim_end_matches('.').to_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(parent) => domain.len() > parent.len() + 1 && domain.ends_with(&format!(".{parent}")),
+        None => pattern == domain,
+    }
+}
+
+/// Local domains first, then the first matching route, then the smart host, then MX.
+pub fn choose_route(domain: &str, routing: &Routing) -> RouteChoice {
+    let domain = domain.trim_end_matches('.').to_lowercase();
+    if routing
+        .local_domains
+        .iter()
+        .any(|local| domain_matches(local, &domain))
+    {
+        return RouteChoice::LocalDrop;
+    }
+    if let Some(route) = routing
+        .routes
+        .iter()
+        .find(|r| domain_matches(&r.domain, &domain))
+    {
+        return RouteChoice::Fixed(format!("route {}", route.domain), route.hop.clone());
+    }
+    if let Some(smarthost) = &routing.smarthost {
+        return RouteChoice::Fixed("smarthost".into(), smarthost.clone());
+    }
+    RouteChoice::Mx(routing.mx_tls)
+}
+
 /// A small deterministic generator: the caller picks the seed, so tests can
 /// pin the order and production can pass real randomness.
 struct SplitMix64(u64);
@@ -209,6 +330,59 @@ mod tests {
         let temp =
             plan_delivery("t.example", &MxAnswer::Temporary("SERVFAIL".into()), 0).unwrap_err();
         assert!(!temp.permanent && temp.text.contains("SERVFAIL"));
+    }
+
+    fn hop(host: &str) -> NextHop {
+        NextHop {
+            hosts: vec![host.into()],
+            port: 25,
+            tls: TlsMode::Verify,
+            credentials: None,
+        }
+    }
+
+    #[test]
+    fn route_precedence() {
+        let routing = Routing {
+            local_domains: vec!["intranet.example".into()],
+            routes: vec![
+                DomainRoute {
+                    domain: "*.partner.example".into(),
+                    hop: hop("gw.partner.example"),
+                },
+                DomainRoute {
+                    domain: "partner.example".into(),
+                    hop: hop("mx.partner.example"),
+                },
+            ],
+            smarthost: Some(hop("smarthost.example")),
+            ..Routing::default()
+        };
+        assert_eq!(
+            choose_route("Intranet.Example", &routing),
+            RouteChoice::LocalDrop
+        );
+        assert_eq!(
+            choose_route("a.partner.example", &routing),
+            RouteChoice::Fixed("route *.partner.example".into(), hop("gw.partner.example"))
+        );
+        assert_eq!(
+            choose_route("partner.example", &routing),
+            RouteChoice::Fixed("route partner.example".into(), hop("mx.partner.example"))
+        );
+        assert_eq!(
+            choose_route("xpartner.example", &routing),
+            RouteChoice::Fixed("smarthost".into(), hop("smarthost.example"))
+        );
+        assert_eq!(
+            choose_route("other.example", &Routing::default()),
+            RouteChoice::Mx(TlsMode::Opportunistic)
+        );
+        let secret = Credentials {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{secret:?}").contains("hunter2"));
     }
 
     #[test]

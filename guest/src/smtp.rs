@@ -205,6 +205,8 @@ pub struct Extensions {
     pub enhanced_status_codes: bool,
     /// `SIZE n`; `Some(0)` means the server announced no fixed limit.
     pub size: Option<u64>,
+    /// SASL mechanisms of `AUTH` (or the old `AUTH=`), upper case.
+    pub auth: Vec<String>,
 }
 
 impl Extensions {
@@ -224,6 +226,12 @@ impl Extensions {
                 "STARTTLS" => ext.starttls = true,
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
                 "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "AUTH" => ext.auth.extend(words.map(str::to_ascii_uppercase)),
+                _ if keyword.starts_with("AUTH=") => {
+                    let first = keyword.trim_start_matches("AUTH=").to_string();
+                    ext.auth.push(first);
+                    ext.auth.extend(words.map(str::to_ascii_uppercase));
+                }
                 _ => {}
             }
         }

@@ -24,12 +24,22 @@ const USAGE: &str = "\
 mailroot: a pickup-folder mail relay (IIS SMTP style) built on a WebAssembly component
 
 usage: mailroot serve --root DIR [options]
+       mailroot check FILE [options]
+
+`check` prints what the relay would do with a pickup file (envelope,
+validation findings, the route of each recipient) without sending anything,
+and exits 1 when the file would go to Badmail or a recipient would fail.
 
 Creates DIR/Pickup, Queue, Badmail and Drop when missing, then relays every
 file dropped into Pickup until SIGINT or SIGTERM.
 
 options:
-  --root DIR             the mailroot directory (required)
+  --root DIR             the mailroot directory (required for serve)
+  --config FILE          a TOML configuration file (see README); options after
+                         it override it
+  --mx-tls MODE          TLS for MX delivery: none, opportunistic (default),
+                         required, verify
+  --max-per-destination N  messages in flight per destination domain (default 20)
   --once                 process Pickup and the due queue once, then exit:
                          0 when everything was delivered, 1 otherwise
   --hostname NAME        EHLO name and Received/Message-ID host (default: this host)
@@ -39,7 +49,7 @@ options:
   --ca-file FILE         CA bundle for verified TLS (default: system trust store)
   --max-message-size N   largest message accepted, in bytes (default 10485760)
   --max-recipients N     most recipients per message (default 1000)
-  --workers N            messages handled at once (default 8)
+  --workers N            messages handled at once, i.e. connections in all (default 100)
   --poll-interval SECS   how often Pickup and the queue are checked (default 1)
   --retry-profile NAME   postfix (default: backoff 300 s doubling to 4000 s,
                          no delay notice, give up after 5 days) or iis (15, 30,
@@ -65,13 +75,18 @@ impl std::fmt::Display for UsageError {
 }
 
 /// What the command line asks for.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Command {
     Help,
     Serve {
         settings: Box<Settings>,
         once: bool,
         verbose: bool,
+    },
+    /// Explain what the relay would do with a pickup file.
+    Check {
+        settings: Box<Settings>,
+        file: PathBuf,
     },
 }
 
@@ -95,9 +110,28 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     let mut verbose = false;
     let mut settings = Settings::new("");
     let mut command_seen = false;
+    let mut check: Option<PathBuf> = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "serve" if !command_seen => command_seen = true,
+            "check" if !command_seen => {
+                command_seen = true;
+                check = Some(value("check FILE", args.next())?);
+            }
+            "--config" => {
+                let path: PathBuf = value("--config", args.next())?;
+                crate::config::apply(&path, &mut settings)
+                    .map_err(|e| UsageError(e.to_string()))?;
+            }
+            "--mx-tls" => {
+                let mode: String = value("--mx-tls", args.next())?;
+                settings.routing.mx_tls =
+                    crate::config::tls_mode(&mode).map_err(|e| UsageError(e.to_string()))?;
+            }
+            "--max-per-destination" => {
+                settings.max_per_destination =
+                    value::<usize>("--max-per-destination", args.next())?.max(1)
+            }
             "--help" | "-h" | "help" => return Ok(Command::Help),
             "--root" => root = Some(value::<PathBuf>("--root", args.next())?),
             "--once" => once = true,
@@ -135,6 +169,16 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             other => return Err(UsageError(format!("unknown argument {other:?}"))),
         }
     }
+    if let Some(file) = check {
+        // `check` needs no mailroot; a scratch one holds the (unused) folders.
+        settings.root = root.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("mailroot-check-{}", std::process::id()))
+        });
+        return Ok(Command::Check {
+            settings: Box::new(settings),
+            file,
+        });
+    }
     settings.root = root.ok_or_else(|| UsageError("--root DIR is required".into()))?;
     if settings.hostname.is_empty() || settings.hostname.contains(char::is_whitespace) {
         return Err(UsageError("--hostname must be a host name".into()));
@@ -160,6 +204,7 @@ pub fn run(args: Vec<String>) -> u8 {
             print!("{USAGE}");
             EXIT_OK
         }
+        Command::Check { settings, file } => check(*settings, &file),
         Command::Serve {
             settings,
             once,
@@ -196,6 +241,48 @@ pub fn run(args: Vec<String>) -> u8 {
             relay.serve(&stop);
             EXIT_OK
         }
+    }
+}
+
+/// `mailroot check FILE`: print the envelope, the findings and the route of
+/// each recipient; exit 1 when the file would go to Badmail or a recipient
+/// would fail.
+fn check(settings: Settings, file: &std::path::Path) -> u8 {
+    let raw = match std::fs::read(file) {
+        Ok(raw) => raw,
+        Err(e) => {
+            eprintln!("mailroot: cannot read {}: {e}", file.display());
+            return EXIT_USAGE;
+        }
+    };
+    let scratch = settings
+        .root
+        .starts_with(std::env::temp_dir())
+        .then(|| settings.root.clone());
+    let relay = Relay::new(settings);
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let relay = match relay {
+        Ok(relay) => relay,
+        Err(e) => {
+            eprintln!("mailroot: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let explanation = match relay.explain(&raw) {
+        Ok(explanation) => explanation,
+        Err(e) => {
+            eprintln!("mailroot: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let (report, relayable) = crate::relay::format_explanation(file, &explanation);
+    print!("{report}");
+    if relayable {
+        EXIT_OK
+    } else {
+        EXIT_NOT_ALL_DELIVERED
     }
 }
 

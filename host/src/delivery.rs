@@ -35,20 +35,29 @@ pub enum Attempt {
     Error,
 }
 
-/// Attempt delivery of `queue_id` if it is due (or if `force`). Returns the
-/// attempt and the queue ids of the DSNs it queued.
-pub fn attempt_delivery(relay: &Relay, queue_id: &str, force: bool) -> (Attempt, Vec<String>) {
-    let mut control = match relay.queue.load(queue_id) {
-        Ok(control) => control,
-        Err(e) => {
-            logging::error(&format!("{queue_id}: cannot read the control file: {e}"));
-            return (Attempt::Error, Vec::new());
-        }
-    };
+/// Whether a queued message is due at `now_ms`.
+pub fn is_due(control: &Control, now_ms: u64) -> bool {
+    control.next_attempt_ms <= now_ms
+}
+
+/// The scheduling key of a message: the domain of its first pending
+/// recipient. The per-destination connection limit counts messages by it.
+pub fn destination(control: &Control) -> String {
+    control
+        .recipients
+        .iter()
+        .find(|r| r.state == State::Pending)
+        .and_then(|r| r.address.rsplit_once('@'))
+        .map(|(_, domain)| domain.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Attempt delivery of a due message. Returns the attempt and the queue ids
+/// of the DSNs it queued.
+pub fn attempt_delivery(relay: &Relay, mut control: Control) -> (Attempt, Vec<String>) {
+    let queue_id = control.queue_id.clone();
+    let queue_id = queue_id.as_str();
     let now_ms = relay.clock.now_ms();
-    if !force && control.next_attempt_ms > now_ms {
-        return (Attempt::NotDue, Vec::new());
-    }
     let pending = control.pending();
     if pending.is_empty() {
         return (finish(relay, &control), Vec::new());

@@ -20,6 +20,7 @@
 pub mod badmail;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod logging;

@@ -287,6 +287,17 @@ impl folders::Host for HostState {
                 .read_head(folder_of(folder), &name, max_bytes)?)
         })
     }
+
+    fn write_drop(&mut self, content: Vec<u8>) -> Result<String, folders::FolderError> {
+        let name = format!("{}.eml", crate::queue::new_queue_id(self.clock.now_ms()));
+        self.blocking(|state| {
+            let dir = state.mailroot.dir(Folder::Drop);
+            crate::queue::write_atomic(&dir, &name, &content)
+                .and_then(|()| crate::queue::sync_dir(&dir))
+                .map_err(FolderError::from)?;
+            Ok(name)
+        })
+    }
 }
 
 #[cfg(test)]

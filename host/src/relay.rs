@@ -5,9 +5,9 @@
 //! that is due. Work is spread over `workers` threads; each message gets its
 //! own component instance, so one slow destination holds one worker only.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::clock::{Clock, SystemClock};
@@ -17,8 +17,11 @@ use crate::logging;
 use crate::mailroot::Mailroot;
 use crate::pickup::{self, Acceptance, Claimed};
 use crate::queue::Queue;
+use crate::runtime::bindings::exports::mailroot::relay::stages::Explanation;
 use crate::runtime::bindings::exports::mailroot::relay::stages::{RelayOptions, Timeouts};
-use crate::runtime::bindings::mailroot::relay::types::{Limits, RetrySchedule};
+use crate::runtime::bindings::mailroot::relay::types::{
+    EnvelopeSource, Limits, RetrySchedule, Severity, TlsMode,
+};
 use crate::runtime::{Capabilities, Runtime};
 use crate::settings::Settings;
 use crate::sockets::TlsSettings;
@@ -156,6 +159,8 @@ impl Relay {
                 data_end: millis(t.data_end),
             },
             retry: retry_schedule(&runtime, &settings)?,
+            routing: settings.routing.clone(),
+            max_recipients_per_transaction: settings.max_recipients_per_transaction,
         };
         recover_interrupted_attempts(&Queue::new(mailroot.clone()));
         Ok(Relay {
@@ -227,14 +232,8 @@ impl Relay {
             if queued.is_empty() {
                 break;
             }
-            let attempts = Mutex::new(Vec::new());
-            let notices = Mutex::new(Vec::new());
-            self.parallel(queued, |id| {
-                let (attempt, queued_notices) = delivery::attempt_delivery(self, &id, force);
-                lock(&attempts).push(attempt);
-                lock(&notices).extend(queued_notices);
-            });
-            for attempt in attempts.into_inner().unwrap_or_default() {
+            let (attempts, notices) = self.deliver_due(queued, force);
+            for attempt in attempts {
                 match attempt {
                     Attempt::NotDue => {}
                     Attempt::Delivered => report.delivered += 1,
@@ -243,7 +242,7 @@ impl Relay {
                     Attempt::Error => report.retry += 1,
                 }
             }
-            queued = notices.into_inner().unwrap_or_default();
+            queued = notices;
         }
         report
     }
@@ -268,6 +267,85 @@ impl Relay {
         total
     }
 
+    /// Attempt the due messages among `ids` with up to `workers` threads, at
+    /// most `max_per_destination` at once for one destination, so that a slow
+    /// or dead destination never holds up the others. Returns the attempts
+    /// and the queue ids of the DSNs they queued.
+    fn deliver_due(&self, ids: Vec<String>, force: bool) -> (Vec<Attempt>, Vec<String>) {
+        let now_ms = self.clock.now_ms();
+        let mut due = VecDeque::new();
+        let mut attempts = Vec::new();
+        for id in ids {
+            match self.queue.load(&id) {
+                Ok(control) if force || delivery::is_due(&control, now_ms) => {
+                    due.push_back(control)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    logging::error(&format!("{id}: cannot read the control file: {e}"));
+                    attempts.push(Attempt::Error);
+                }
+            }
+        }
+        struct Shared {
+            waiting: VecDeque<crate::queue::Control>,
+            in_flight: HashMap<String, usize>,
+            attempts: Vec<Attempt>,
+            notices: Vec<String>,
+        }
+        let workers = self.settings.workers.clamp(1, due.len().max(1));
+        let shared = Mutex::new(Shared {
+            waiting: due,
+            in_flight: HashMap::new(),
+            attempts,
+            notices: Vec::new(),
+        });
+        let changed = Condvar::new();
+        let limit = self.settings.max_per_destination.max(1);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    let mut state = lock(&shared);
+                    loop {
+                        let position = state.waiting.iter().position(|c| {
+                            state
+                                .in_flight
+                                .get(&delivery::destination(c))
+                                .copied()
+                                .unwrap_or(0)
+                                < limit
+                        });
+                        let Some(control) = position.and_then(|p| state.waiting.remove(p)) else {
+                            if state.waiting.is_empty() {
+                                break;
+                            }
+                            // Everything left waits on a busy destination.
+                            state = changed
+                                .wait(state)
+                                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                            continue;
+                        };
+                        let key = delivery::destination(&control);
+                        *state.in_flight.entry(key.clone()).or_insert(0) += 1;
+                        drop(state);
+                        let (attempt, notices) = delivery::attempt_delivery(self, control);
+                        state = lock(&shared);
+                        if let Some(count) = state.in_flight.get_mut(&key) {
+                            *count -= 1;
+                        }
+                        state.attempts.push(attempt);
+                        state.notices.extend(notices);
+                        changed.notify_all();
+                    }
+                });
+            }
+        });
+        let shared = shared
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (shared.attempts, shared.notices)
+    }
+
     /// Run `work` on every item with up to `workers` threads.
     fn parallel<T: Send>(&self, items: Vec<T>, work: impl Fn(T) + Sync) {
         let workers = self.settings.workers.clamp(1, items.len().max(1));
@@ -285,6 +363,97 @@ impl Relay {
             }
         });
     }
+}
+
+impl Relay {
+    /// What the relay would do with the pickup file `raw` (`mailroot check`).
+    pub fn explain(&self, raw: &[u8]) -> Result<Explanation, crate::runtime::CallError> {
+        self.runtime.explain(raw, &self.options)
+    }
+}
+
+fn tls_name(tls: TlsMode) -> &'static str {
+    match tls {
+        TlsMode::None => "none",
+        TlsMode::Opportunistic => "opportunistic",
+        TlsMode::Required => "required",
+        TlsMode::Verify => "verify",
+    }
+}
+
+/// The text `mailroot check` prints, and whether the file would be relayed
+/// (no rejection, and no recipient failing).
+pub fn format_explanation(file: &std::path::Path, e: &Explanation) -> (String, bool) {
+    let mut out = format!("file: {}\n", file.display());
+    let mut relayable = true;
+    match &e.envelope {
+        Ok(envelope) => {
+            let source = match envelope.source {
+                EnvelopeSource::PickupLines => "x-sender/x-receiver lines",
+                EnvelopeSource::ResentHeaders => "Resent- headers",
+                EnvelopeSource::Headers => "headers",
+            };
+            out.push_str(&format!(
+                "envelope (from {source}):\n  MAIL FROM:<{}>\n",
+                envelope.sender
+            ));
+            for recipient in &envelope.recipients {
+                out.push_str(&format!("  RCPT TO:<{recipient}>\n"));
+            }
+        }
+        Err(why) => {
+            relayable = false;
+            out.push_str(&format!("envelope: none: {why}\n"));
+        }
+    }
+    out.push_str("findings:\n");
+    if e.findings.is_empty() {
+        out.push_str("  none\n");
+    }
+    for f in &e.findings {
+        let severity = match f.severity {
+            Severity::Reject => {
+                relayable = false;
+                "reject"
+            }
+            Severity::Warning => "warning",
+        };
+        out.push_str(&format!("  {severity} {}: {}\n", f.code, f.text));
+    }
+    out.push_str("routes:\n");
+    for r in &e.routes {
+        match &r.failure {
+            Some(failure) => {
+                relayable &= !failure.permanent;
+                let kind = if failure.permanent {
+                    "fails"
+                } else {
+                    "deferred"
+                };
+                out.push_str(&format!(
+                    "  <{}>: {}: {kind} ({}): {}\n",
+                    r.recipient, r.via, failure.status, failure.text
+                ));
+            }
+            None if r.hosts.is_empty() => {
+                out.push_str(&format!("  <{}>: {}\n", r.recipient, r.via))
+            }
+            None => out.push_str(&format!(
+                "  <{}>: {}: {} (port {}, TLS {})\n",
+                r.recipient,
+                r.via,
+                r.hosts.join(", "),
+                r.port,
+                tls_name(r.tls)
+            )),
+        }
+    }
+    out.push_str(if relayable {
+        "verdict: would be relayed\n"
+    } else {
+        "verdict: would not be relayed (Badmail or bounce)\n"
+    });
+    (out, relayable)
 }
 
 /// The component's schedule for the configured profile, with the

@@ -270,6 +270,19 @@ impl Runtime {
         )
     }
 
+    /// The `explain` stage: what the relay would do with `raw`.
+    pub fn explain(
+        &self,
+        raw: &[u8],
+        options: &stages::RelayOptions,
+    ) -> Result<stages::Explanation, CallError> {
+        self.contain(self.instantiate("check").and_then(|(mut store, relay)| {
+            relay
+                .mailroot_relay_stages()
+                .call_explain(&mut store, raw, options)
+        }))
+    }
+
     /// The retry schedule the component defines under `name`.
     pub fn retry_profile(
         &self,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::runtime::ComponentLimits;
+use crate::runtime::bindings::mailroot::relay::types::{Routing, TlsMode};
 
 /// SMTP client timeouts (RFC 5321 4.5.3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +52,9 @@ impl Default for SmtpTimeouts {
     }
 }
 
-/// The relay's settings.
-#[derive(Debug, Clone)]
+/// The relay's settings. Not `Debug`: they may hold smart-host credentials,
+/// which are never logged.
+#[derive(Clone)]
 pub struct Settings {
     /// The mailroot directory.
     pub root: PathBuf,
@@ -73,8 +75,15 @@ pub struct Settings {
     /// Limits on each component call.
     pub component_limits: ComponentLimits,
     pub smtp_timeouts: SmtpTimeouts,
-    /// Messages handled at once (each with its own instance and connections).
+    /// Messages handled at once (each with its own instance and connection):
+    /// the limit on connections in all.
     pub workers: usize,
+    /// Messages handled at once for one destination domain.
+    pub max_per_destination: usize,
+    /// Most recipients in one SMTP transaction; more go in further ones.
+    pub max_recipients_per_transaction: u32,
+    /// Local domains, routes, smart host, TLS policy, masquerading.
+    pub routing: Routing,
     /// How often `serve` looks at Pickup and the queue.
     pub poll_interval: Duration,
     /// The retry profile, by name: `postfix` (default) or `iis`; the
@@ -104,7 +113,16 @@ impl Settings {
             max_recipients: 1000,
             component_limits: ComponentLimits::default(),
             smtp_timeouts: SmtpTimeouts::default(),
-            workers: 8,
+            workers: 100,
+            max_per_destination: 20,
+            max_recipients_per_transaction: 100,
+            routing: Routing {
+                local_domains: Vec::new(),
+                routes: Vec::new(),
+                smarthost: None,
+                mx_tls: TlsMode::Opportunistic,
+                masquerade_domain: None,
+            },
             poll_interval: Duration::from_secs(1),
             retry_profile: "postfix".to_string(),
             delay_notice_after: None,

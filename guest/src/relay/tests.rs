@@ -9,6 +9,7 @@ use std::rc::Rc;
 use super::*;
 use crate::retry::Schedule;
 use crate::route::MxRecord;
+use crate::route::{Credentials, DomainRoute, NextHop, Routing, TlsMode};
 use crate::smtp::SocketError;
 
 /// A simulated SMTP server: replies chosen by a rule per command verb.
@@ -23,6 +24,11 @@ struct Server {
     in_data: bool,
     commands: Vec<String>,
     messages: Vec<Vec<u8>>,
+    /// STARTTLS is offered; `Some(ok)` says whether the handshake succeeds.
+    tls_handshake: Option<bool>,
+    /// The `verify` flag of each handshake.
+    handshakes: Vec<bool>,
+    tls_active: bool,
 }
 
 impl Server {
@@ -51,11 +57,19 @@ impl Server {
             "EHLO" => {
                 let mut lines = vec!["250-mx hello".to_string()];
                 lines.extend(self.extensions.iter().map(|e| format!("250-{e}")));
+                if self.tls_handshake.is_some()
+                    && !self.handshakes.last().is_some_and(|_| self.tls_active)
+                {
+                    lines.push("250-STARTTLS".into());
+                }
                 let last = lines.pop().unwrap().replacen("250-", "250 ", 1);
                 lines.push(last);
                 lines.join("\r\n")
             }
             "DATA" => "354 go ahead".into(),
+            "STARTTLS" if self.tls_handshake.is_some() => "220 ready for TLS".into(),
+            "AUTH" if command.starts_with("AUTH PLAIN AHVzZXIAc2VjcmV0") => "235 2.7.0 ok".into(),
+            "AUTH" => "535 5.7.8 bad credentials".into(),
             "QUIT" => "221 bye".into(),
             _ => "250 2.0.0 ok".into(),
         }
@@ -107,8 +121,16 @@ impl Connection for FakeConn {
             Ok(out)
         }
     }
-    fn start_tls(&mut self, _: &str, _: bool, _: u32) -> Result<(), SocketError> {
-        Err(SocketError::Tls("not simulated".into()))
+    fn start_tls(&mut self, _: &str, verify: bool, _: u32) -> Result<(), SocketError> {
+        let mut server = self.0.borrow_mut();
+        server.handshakes.push(verify);
+        match server.tls_handshake {
+            Some(true) => {
+                server.tls_active = true;
+                Ok(())
+            }
+            _ => Err(SocketError::Tls("handshake failure (simulated)".into())),
+        }
     }
 }
 
@@ -121,6 +143,7 @@ struct FakeHost {
     connects: Vec<String>,
     logs: Vec<String>,
     now_ms: u64,
+    drops: Vec<Vec<u8>>,
 }
 
 impl FakeHost {
@@ -166,6 +189,9 @@ impl Capabilities for FakeHost {
         self.mx.get(domain).cloned().unwrap_or(MxAnswer::NxDomain)
     }
     fn lookup_ip(&mut self, host: &str) -> AddressAnswer {
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return AddressAnswer::Addresses(vec![host.to_string()]);
+        }
         self.ips
             .get(host)
             .cloned()
@@ -180,6 +206,7 @@ impl Capabilities for FakeHost {
                 state.input.clear();
                 state.output.clear();
                 state.in_data = false;
+                state.tls_active = false;
                 drop(state);
                 let greeting = server.borrow().greeting.clone();
                 server
@@ -190,6 +217,10 @@ impl Capabilities for FakeHost {
             }
             None => Err(SocketError::Refused("nothing listens".into())),
         }
+    }
+    fn write_drop(&mut self, content: &[u8]) -> Result<String, String> {
+        self.drops.push(content.to_vec());
+        Ok(format!("drop-{}.eml", self.drops.len()))
     }
     fn now_ms(&mut self) -> u64 {
         self.now_ms
@@ -206,6 +237,8 @@ fn options() -> Options {
         limits: Limits::default(),
         timeouts: Timeouts::default(),
         retry: Schedule::iis(),
+        routing: Routing::default(),
+        max_recipients_per_transaction: 100,
     }
 }
 
@@ -651,4 +684,291 @@ fn an_oversized_message_gets_a_dsn_with_its_headers_only() {
             .notice
             .is_none()
     );
+}
+
+fn tls_host(handshake: Option<bool>) -> (FakeHost, Rc<RefCell<Server>>) {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    server.borrow_mut().tls_handshake = handshake;
+    (host, server)
+}
+
+fn with_tls(mode: TlsMode) -> Options {
+    let mut o = options();
+    o.routing.mx_tls = mode;
+    o
+}
+
+#[test]
+fn opportunistic_tls_is_used_when_offered_and_ehlo_is_repeated() {
+    let (mut host, server) = tls_host(Some(true));
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &with_tls(TlsMode::Opportunistic),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    let commands = server.borrow().commands.clone();
+    assert_eq!(
+        &commands[..4],
+        &[
+            "EHLO relay.test",
+            "STARTTLS",
+            "EHLO relay.test",
+            "MAIL FROM:<s@src.test>"
+        ]
+    );
+    assert_eq!(
+        server.borrow().handshakes,
+        vec![false],
+        "opportunistic does not verify"
+    );
+}
+
+#[test]
+fn opportunistic_tls_falls_back_to_plain_text_when_the_handshake_fails() {
+    let (mut host, server) = tls_host(Some(false));
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &with_tls(TlsMode::Opportunistic),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    assert_eq!(host.connects.len(), 2, "a second connection, without TLS");
+    assert_eq!(server.borrow().messages.len(), 1);
+}
+
+#[test]
+fn required_and_verify_defer_without_tls() {
+    for mode in [TlsMode::Required, TlsMode::Verify] {
+        let (mut host, server) = tls_host(None);
+        let outcomes = deliver_once(
+            &mut host,
+            "Q1.eml",
+            "s@src.test",
+            &rcpts(&["a@one.test"]),
+            &with_tls(mode),
+        );
+        let f = failure(&outcomes[0]);
+        assert!(
+            !f.permanent && f.status == "4.7.0" && f.text.contains("does not offer STARTTLS"),
+            "{f:?}"
+        );
+        assert!(server.borrow().messages.is_empty());
+        // A failed handshake defers too, and never falls back.
+        let (mut host, server) = tls_host(Some(false));
+        let outcomes = deliver_once(
+            &mut host,
+            "Q1.eml",
+            "s@src.test",
+            &rcpts(&["a@one.test"]),
+            &with_tls(mode),
+        );
+        assert!(!failure(&outcomes[0]).permanent);
+        assert_eq!(host.connects.len(), 1);
+        assert_eq!(server.borrow().handshakes, vec![mode == TlsMode::Verify]);
+    }
+    let (mut host, server) = tls_host(None);
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &with_tls(TlsMode::None),
+    );
+    assert!(delivered(&outcomes[0]));
+    assert!(!server.borrow().commands.contains(&"STARTTLS".to_string()));
+}
+
+fn smarthost_options(credentials: bool, tls: TlsMode) -> Options {
+    let mut o = options();
+    o.routing.smarthost = Some(NextHop {
+        hosts: vec!["127.0.0.5".into()],
+        port: 587,
+        tls,
+        credentials: credentials.then(|| Credentials {
+            username: "user".into(),
+            password: "secret".into(),
+        }),
+    });
+    o
+}
+
+#[test]
+fn auth_plain_only_after_tls_and_never_logged() {
+    let mut host = host_with_message();
+    let server = host.server("127.0.0.5");
+    server.borrow_mut().tls_handshake = Some(true);
+    server
+        .borrow_mut()
+        .extensions
+        .push("AUTH PLAIN LOGIN".into());
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@anywhere.test"]),
+        &smarthost_options(true, TlsMode::Required),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    assert!(
+        server
+            .borrow()
+            .commands
+            .iter()
+            .any(|c| c.starts_with("AUTH PLAIN "))
+    );
+    assert!(
+        !host
+            .logs
+            .iter()
+            .any(|l| l.contains("secret") || l.contains("AHVzZXIAc2VjcmV0"))
+    );
+
+    // Without TLS the credentials are never sent.
+    let mut host = host_with_message();
+    let server = host.server("127.0.0.5");
+    server
+        .borrow_mut()
+        .extensions
+        .push("AUTH PLAIN LOGIN".into());
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@anywhere.test"]),
+        &smarthost_options(true, TlsMode::Opportunistic),
+    );
+    let f = failure(&outcomes[0]);
+    assert!(
+        !f.permanent && f.text.contains("never sent without TLS"),
+        "{f:?}"
+    );
+    assert!(
+        !server
+            .borrow()
+            .commands
+            .iter()
+            .any(|c| c.starts_with("AUTH"))
+    );
+}
+
+#[test]
+fn more_recipients_than_the_limit_go_in_several_transactions() {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    let list: Vec<String> = (0..150).map(|n| format!("user{n}@one.test")).collect();
+    let outcomes = deliver_once(&mut host, "Q1.eml", "s@src.test", &list, &options());
+    assert!(outcomes.iter().all(delivered));
+    assert_eq!(server.borrow().messages.len(), 2);
+    assert_eq!(
+        host.connects.len(),
+        1,
+        "one connection carries both transactions"
+    );
+    let rcpt_count = server
+        .borrow()
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("RCPT TO"))
+        .count();
+    assert_eq!(rcpt_count, 150);
+}
+
+#[test]
+fn local_domains_routes_and_smarthost() {
+    let mut host = host_with_message();
+    host.ip("gw.partner.test", "127.0.0.7");
+    let gateway = host.server("127.0.0.7");
+    let smarthost = host.server("127.0.0.5");
+    let mut o = smarthost_options(false, TlsMode::None);
+    o.routing.local_domains = vec!["intranet.test".into()];
+    o.routing.routes = vec![DomainRoute {
+        domain: "*.partner.test".into(),
+        hop: NextHop {
+            hosts: vec!["gw.partner.test".into()],
+            port: 2525,
+            tls: TlsMode::None,
+            credentials: None,
+        },
+    }];
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@intranet.test", "b@eu.partner.test", "c@else.test"]),
+        &o,
+    );
+    assert!(outcomes.iter().all(delivered), "{outcomes:?}");
+    assert_eq!(host.drops.len(), 1);
+    let dropped = String::from_utf8(host.drops[0].clone()).unwrap();
+    assert!(dropped.starts_with("x-sender: <s@src.test>\r\nx-receiver: <a@intranet.test>\r\n"));
+    assert_eq!(gateway.borrow().messages.len(), 1);
+    assert_eq!(smarthost.borrow().messages.len(), 1);
+    assert!(
+        smarthost
+            .borrow()
+            .commands
+            .contains(&"RCPT TO:<c@else.test>".to_string())
+    );
+    assert!(
+        host.mx.is_empty() && host.connects.len() == 2,
+        "no MX lookups with routes and a smart host"
+    );
+}
+
+#[test]
+fn the_sender_is_masqueraded_but_never_the_null_sender() {
+    let mut host = FakeHost::default();
+    host.files.insert(
+        "f".into(),
+        b"x-sender: root@web01.internal\r\nx-receiver: r@one.test\r\nSubject: x\r\n\r\nx".to_vec(),
+    );
+    host.files.insert(
+        "g".into(),
+        b"x-sender: <>\r\nx-receiver: r@one.test\r\nFrom: a@b.test\r\n\r\nx".to_vec(),
+    );
+    let mut o = options();
+    o.routing.masquerade_domain = Some("example.com".into());
+    assert_eq!(
+        accept(&mut host, "f", "Q1", &o).unwrap().envelope.sender,
+        "root@example.com"
+    );
+    assert_eq!(
+        accept(&mut host, "g", "Q2", &o).unwrap().envelope.sender,
+        ""
+    );
+}
+
+#[test]
+fn explain_reports_routes_without_connecting() {
+    let mut host = FakeHost::default();
+    host.mx("one.test", &[(20, "b.one.test"), (10, "a.one.test")]);
+    host.mx("null.test", &[(0, ".")]);
+    let raw = b"x-sender: s@src.test\r\nx-receiver: r@one.test\r\nx-receiver: n@null.test\r\nFrom: s@src.test\r\n\r\nx";
+    let explanation = explain(&mut host, raw, &options());
+    assert_eq!(explanation.envelope.as_ref().unwrap().recipients.len(), 2);
+    let (rcpt, route) = &explanation.routes[0];
+    assert_eq!(
+        (rcpt.as_str(), route.via.as_str(), route.hosts.clone()),
+        (
+            "r@one.test",
+            "MX",
+            vec!["a.one.test".to_string(), "b.one.test".to_string()]
+        )
+    );
+    assert_eq!(route.tls, TlsMode::Opportunistic);
+    assert_eq!(
+        explanation.routes[1].1.failure.as_ref().unwrap().status,
+        "5.1.10"
+    );
+    assert!(host.connects.is_empty());
 }

@@ -37,6 +37,10 @@ mod hostile {
     }
 
     impl stages::Guest for Hostile {
+        fn explain(raw: Vec<u8>, options: stages::RelayOptions) -> stages::Explanation {
+            <Component as stages::Guest>::explain(raw, options)
+        }
+
         fn accept(
             file: String,
             queue_id: String,
@@ -94,6 +98,9 @@ mod hostile {
         }
         fn retry_profile(name: String) -> Option<types::RetrySchedule> {
             <Component as logic::Guest>::retry_profile(name)
+        }
+        fn choose_route(domain: String, routing: types::Routing) -> types::RouteChoice {
+            <Component as logic::Guest>::choose_route(domain, routing)
         }
     }
 
