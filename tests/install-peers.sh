@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a Debian machine, as root:
 #   nsd      - the authoritative DNS server the end-to-end tests run
+#   openssl  - makes the test CA and server certificates for the STARTTLS tests
 #   aiosmtpd - the SMTP server (Python) behind tests/peers/smtp_peer.py
 #   the wasm32-wasip2 Rust target, for the components
 # Services are never started or enabled: each test starts its own peers on
@@ -10,6 +11,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
 command -v nsd >/dev/null || need_apt+=(nsd)
+command -v openssl >/dev/null || need_apt+=(openssl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -q

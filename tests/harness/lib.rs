@@ -167,6 +167,10 @@ pub struct Received {
     pub rcpt_tos: Vec<String>,
     /// The DATA content, dot-unstuffed, as bytes.
     pub data: Vec<u8>,
+    /// The session ran over TLS.
+    pub tls: bool,
+    /// The user the session authenticated as.
+    pub auth_user: Option<String>,
 }
 
 impl Received {
@@ -262,6 +266,8 @@ impl SmtpPeer {
                     .chars()
                     .map(|c| c as u32 as u8)
                     .collect(),
+                tls: e["tls"].as_bool().unwrap_or(false),
+                auth_user: e["auth_user"].as_str().map(str::to_string),
             })
             .collect()
     }
@@ -360,6 +366,106 @@ impl TestMailroot {
                     .unwrap()
             })
             .collect()
+    }
+}
+
+/// A test certificate authority and a server certificate it signed, made
+/// with the `openssl` command.
+pub struct TestCertificates {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    _dir: Scratch,
+}
+
+impl TestCertificates {
+    /// A CA, and a certificate for `server_name` signed by it.
+    pub fn new(server_name: &str) -> Self {
+        require("openssl", "Debian package openssl");
+        let dir = Scratch::new("certs");
+        let d = &dir.0;
+        let run = |args: &[&str]| {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mailroot test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            &format!("/CN={server_name}"),
+        ]);
+        fs::write(d.join("ext.cnf"), format!("subjectAltName=DNS:{server_name}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")).unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        TestCertificates {
+            ca: d.join("ca.pem"),
+            cert: d.join("server.pem"),
+            key: d.join("server.key"),
+            _dir: dir,
+        }
+    }
+}
+
+/// A fault no real server produces: accepts connections and never says a
+/// word (hand-written, as the guide allows for fault injection).
+pub struct SilentServer {
+    pub ip: Ipv4Addr,
+    _listener: std::net::TcpListener,
+}
+
+impl SilentServer {
+    pub fn start() -> Self {
+        let ip = unique_ip();
+        let listener = std::net::TcpListener::bind((ip, SMTP_PORT)).unwrap();
+        // The kernel completes the handshakes; nobody ever reads or writes.
+        SilentServer {
+            ip,
+            _listener: listener,
+        }
     }
 }
 

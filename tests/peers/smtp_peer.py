@@ -13,8 +13,9 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Recorder:
@@ -55,6 +56,8 @@ class Recorder:
             mail_from=envelope.mail_from,
             mail_options=envelope.mail_options,
             rcpt_tos=envelope.rcpt_tos,
+            tls=session.ssl is not None,
+            auth_user=(session.auth_data.login.decode() if session.authenticated and isinstance(session.auth_data, LoginPassword) else None),
             # latin-1 maps every byte to one code point: the bytes survive JSON.
             data=envelope.original_content.decode("latin-1"),
         )
@@ -73,6 +76,9 @@ async def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--mail-reply")
     parser.add_argument("--rcpt-reply", action="append", default=[])
+    parser.add_argument("--tls-cert", help="offer STARTTLS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument("--auth", help="USER:PASSWORD: require AUTH (only after STARTTLS)")
     parser.add_argument("--rcpt-fail-first", action="append", default=[],
                         help="PREFIX=N: answer 451 to the first N RCPTs starting with PREFIX")
     args = parser.parse_args()
@@ -81,8 +87,21 @@ async def main():
     rcpt_fail_first = [(p, int(n)) for p, n in (r.rsplit("=", 1) for r in args.rcpt_fail_first)]
     handler = Recorder(args.out, args.mail_reply, rcpt_replies, rcpt_fail_first)
     loop = asyncio.get_running_loop()
+    options = dict(decode_data=False, enable_SMTPUTF8=True, ident="mailroot test peer")
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        options.update(tls_context=context)
+    if args.auth:
+        user, password = args.auth.split(":", 1)
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user and auth_data.password.decode() == password
+            return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+        options.update(authenticator=authenticator, auth_required=True, auth_require_tls=True)
     server = await loop.create_server(
-        lambda: RecordingSMTP(handler, decode_data=False, enable_SMTPUTF8=True, ident="mailroot test peer"),
+        lambda: RecordingSMTP(handler, **options),
         host=host,
         port=int(port),
     )
