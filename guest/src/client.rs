@@ -23,6 +23,59 @@ pub struct Target {
     pub implicit_mx: bool,
 }
 
+/// Most sessions kept open between messages; the host allows 32 connections
+/// per call.
+const MAX_IDLE_SESSIONS: usize = 8;
+
+/// What makes an open session reusable for another message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SessionKey {
+    address: String,
+    port: u16,
+    tls: TlsMode,
+    username: Option<String>,
+}
+
+/// Sessions left open after a transaction, for the next message to the same
+/// host (Postfix's connection cache). Close them with [`Sessions::close_all`].
+pub struct Sessions<C: Connection> {
+    idle: Vec<(SessionKey, Session<C>)>,
+}
+
+impl<C: Connection> Default for Sessions<C> {
+    fn default() -> Self {
+        Sessions { idle: Vec::new() }
+    }
+}
+
+impl<C: Connection> Sessions<C> {
+    /// An open session for `key`, checked alive with RSET.
+    fn take(&mut self, key: &SessionKey) -> Option<Session<C>> {
+        let position = self.idle.iter().position(|(k, _)| k == key)?;
+        let (_, mut session) = self.idle.swap_remove(position);
+        let timeout = session.timeouts.mail;
+        match session.exchange("RSET", b"RSET\r\n", timeout) {
+            Ok(reply) if reply.is_positive() => Some(session),
+            _ => None,
+        }
+    }
+
+    fn keep(&mut self, key: SessionKey, session: Session<C>) {
+        if self.idle.len() >= MAX_IDLE_SESSIONS {
+            let (_, oldest) = self.idle.remove(0);
+            oldest.quit();
+        }
+        self.idle.push((key, session));
+    }
+
+    /// QUIT every idle session.
+    pub fn close_all(self) {
+        for (_, session) in self.idle {
+            session.quit();
+        }
+    }
+}
+
 /// An outcome for `recipient` that is a failure.
 pub fn not_delivered(
     recipient: &str,
@@ -40,6 +93,7 @@ pub fn not_delivered(
 /// answer; recipients that only got temporary failures move on to the next host.
 pub fn deliver_to_target<C: Capabilities>(
     caps: &mut C,
+    sessions: &mut Sessions<C::Conn>,
     target: &Target,
     sender: &str,
     recipients: &[String],
@@ -95,7 +149,17 @@ pub fn deliver_to_target<C: Capabilities>(
         };
         for address in addresses {
             let remote = format!("{host} [{address}]");
-            let session = match open_session(caps, &address, host, target, options, true) {
+            let key = SessionKey {
+                address: address.clone(),
+                port: target.port,
+                tls: target.tls,
+                username: target.credentials.as_ref().map(|c| c.username.clone()),
+            };
+            let session = match sessions.take(&key) {
+                Some(session) => Ok(session),
+                None => open_session(caps, &address, host, target, options, true),
+            };
+            let session = match session {
                 Err(Opening::TlsHandshake(failure)) if target.tls == TlsMode::Opportunistic => {
                     // Opportunistic TLS may fall back to plain text: nothing was sent yet.
                     caps.log(
@@ -117,6 +181,7 @@ pub fn deliver_to_target<C: Capabilities>(
             let offered: Vec<String> = pending.iter().map(|o| o.recipient.clone()).collect();
             let chunk_size = options.max_recipients_per_transaction.max(1) as usize;
             let mut results: Vec<RecipientResult> = Vec::with_capacity(offered.len());
+            let mut healthy = true;
             for (index, chunk) in offered.chunks(chunk_size).enumerate() {
                 if index > 0 {
                     // A refused transaction may still be open: start clean.
@@ -131,11 +196,16 @@ pub fn deliver_to_target<C: Capabilities>(
                             RecipientResult::NotDelivered(failure),
                             left,
                         ));
+                        healthy = false;
                         break;
                     }
                 }
             }
-            session.quit();
+            if healthy {
+                sessions.keep(key, session);
+            } else {
+                session.quit();
+            }
             for (outcome, result) in pending.iter_mut().zip(results) {
                 outcome.result = result;
                 outcome.remote_mta = Some(host.clone());

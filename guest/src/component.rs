@@ -320,7 +320,7 @@ impl plugin::Guest for Component {
 #[cfg(feature = "relay")]
 mod relay_world {
     use super::bindings::exports::mailroot::relay::stages as exports;
-    use super::bindings::mailroot::relay::{clock, dns, folders, log, smtp_socket};
+    use super::bindings::mailroot::relay::{clock, dns, folders, log, queue, smtp_socket};
     use super::{Component, wit};
     use crate::relay::{self, Capabilities, Level, ReadError};
     use crate::route;
@@ -422,6 +422,39 @@ mod relay_world {
             clock::now_ms()
         }
 
+        fn record_attempt(&mut self, index: usize, report: relay::DeliveryReport) {
+            let report = wit::DeliveryReport {
+                outcomes: report
+                    .outcomes
+                    .into_iter()
+                    .map(|o| wit::RecipientOutcome {
+                        recipient: o.recipient,
+                        result: match o.result {
+                            relay::RecipientResult::Delivered(reply) => {
+                                wit::RecipientResult::Delivered(reply)
+                            }
+                            relay::RecipientResult::NotDelivered(f) => {
+                                wit::RecipientResult::NotDelivered(f.into())
+                            }
+                        },
+                        remote_mta: o.remote_mta,
+                    })
+                    .collect(),
+                next_attempt_ms: report.next_attempt_ms,
+                notices: report
+                    .notices
+                    .into_iter()
+                    .map(|n| wit::Notice {
+                        recipient: n.recipient,
+                        message: n.message,
+                    })
+                    .collect(),
+                delay_notice_sent: report.delay_notice_sent,
+                badmail: report.badmail,
+            };
+            queue::record_attempt(u32::try_from(index).unwrap_or(u32::MAX), &report);
+        }
+
         fn log(&mut self, level: Level, message: &str) {
             let level = match level {
                 Level::Debug => log::Level::Debug,
@@ -490,7 +523,7 @@ mod relay_world {
                     code: r.code,
                     text: r.text,
                     temporary: r.temporary,
-                    notice: r.notice.map(|n| exports::Notice {
+                    notice: r.notice.map(|n| wit::Notice {
                         recipient: n.recipient,
                         message: n.message,
                     }),
@@ -498,56 +531,22 @@ mod relay_world {
             }
         }
 
-        fn deliver(
-            file: String,
-            sender: String,
-            recipients: Vec<String>,
-            state: exports::QueueState,
-            o: exports::RelayOptions,
-        ) -> exports::DeliveryReport {
-            let state = relay::QueueState {
-                queue_id: state.queue_id,
-                attempts: state.attempts,
-                arrival_ms: state.arrival_ms,
-                delay_notice_sent: state.delay_notice_sent,
-            };
-            let report = relay::deliver(
-                &mut Imports,
-                &file,
-                &sender,
-                &recipients,
-                &state,
-                &options(o),
-            );
-            exports::DeliveryReport {
-                outcomes: report
-                    .outcomes
-                    .into_iter()
-                    .map(|o| exports::RecipientOutcome {
-                        recipient: o.recipient,
-                        result: match o.result {
-                            relay::RecipientResult::Delivered(reply) => {
-                                exports::RecipientResult::Delivered(reply)
-                            }
-                            relay::RecipientResult::NotDelivered(f) => {
-                                exports::RecipientResult::NotDelivered(wit::Failure::from(f))
-                            }
-                        },
-                        remote_mta: o.remote_mta,
-                    })
-                    .collect(),
-                next_attempt_ms: report.next_attempt_ms,
-                notices: report
-                    .notices
-                    .into_iter()
-                    .map(|n| exports::Notice {
-                        recipient: n.recipient,
-                        message: n.message,
-                    })
-                    .collect(),
-                delay_notice_sent: report.delay_notice_sent,
-                badmail: report.badmail,
-            }
+        fn deliver(messages: Vec<wit::QueuedMessage>, o: exports::RelayOptions) {
+            let messages: Vec<relay::QueuedMessage> = messages
+                .into_iter()
+                .map(|m| relay::QueuedMessage {
+                    file: m.file,
+                    sender: m.sender,
+                    recipients: m.recipients,
+                    state: relay::QueueState {
+                        queue_id: m.state.queue_id,
+                        attempts: m.state.attempts,
+                        arrival_ms: m.state.arrival_ms,
+                        delay_notice_sent: m.state.delay_notice_sent,
+                    },
+                })
+                .collect();
+            relay::deliver_batch(&mut Imports, &messages, &options(o));
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::bounce::{self, Action, BounceRequest, DsnRecipient};
 use crate::cleanup;
-use crate::client::{Target, deliver_to_target, not_delivered};
+use crate::client::{Sessions, Target, deliver_to_target, not_delivered};
 use crate::date;
 use crate::envelope::{self, Envelope};
 use crate::message;
@@ -53,6 +53,8 @@ pub trait Capabilities {
     fn write_drop(&mut self, content: &[u8]) -> Result<String, String>;
     fn now_ms(&mut self) -> u64;
     fn log(&mut self, level: Level, message: &str);
+    /// The attempt on message `index` of a batch is over: record it now.
+    fn record_attempt(&mut self, index: usize, report: DeliveryReport);
 }
 
 /// SMTP client timeouts in milliseconds (RFC 5321 4.5.3.2).
@@ -324,7 +326,61 @@ pub fn deliver<C: Capabilities>(
     state: &QueueState,
     options: &Options,
 ) -> DeliveryReport {
-    let (mut outcomes, message) = attempt(caps, file, sender, recipients, options);
+    let mut sessions = Sessions::default();
+    let report = deliver_with(
+        caps,
+        &mut sessions,
+        file,
+        sender,
+        recipients,
+        state,
+        options,
+    );
+    sessions.close_all();
+    report
+}
+
+/// One message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    pub file: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub state: QueueState,
+}
+
+/// [`deliver`] for several messages in turn, reusing connections between
+/// them: a message to a host that the previous one reached goes over the same
+/// connection, after an RSET. Each report goes to
+/// [`Capabilities::record_attempt`] as soon as its message is done.
+pub fn deliver_batch<C: Capabilities>(caps: &mut C, messages: &[QueuedMessage], options: &Options) {
+    let mut sessions = Sessions::default();
+    for (index, m) in messages.iter().enumerate() {
+        let report = deliver_with(
+            caps,
+            &mut sessions,
+            &m.file,
+            &m.sender,
+            &m.recipients,
+            &m.state,
+            options,
+        );
+        caps.record_attempt(index, report);
+    }
+    sessions.close_all();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn deliver_with<C: Capabilities>(
+    caps: &mut C,
+    sessions: &mut Sessions<C::Conn>,
+    file: &str,
+    sender: &str,
+    recipients: &[String],
+    state: &QueueState,
+    options: &Options,
+) -> DeliveryReport {
+    let (mut outcomes, message) = attempt(caps, sessions, file, sender, recipients, options);
     let now_ms = caps.now_ms();
     let mut report = DeliveryReport {
         outcomes: Vec::new(),
@@ -473,6 +529,7 @@ fn notice(
 /// The attempt itself: one outcome per recipient, and the message bytes.
 fn attempt<C: Capabilities>(
     caps: &mut C,
+    sessions: &mut Sessions<C::Conn>,
     file: &str,
     sender: &str,
     recipients: &[String],
@@ -514,7 +571,7 @@ fn attempt<C: Capabilities>(
             }
         };
         outcomes.extend(deliver_to_target(
-            caps, &target, sender, &group, &message, options,
+            caps, sessions, &target, sender, &group, &message, options,
         ));
     }
     (outcomes, message)

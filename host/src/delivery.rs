@@ -7,14 +7,20 @@
 //! with permanently failed recipients. A recipient that was delivered is
 //! never offered again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::badmail::{self, FailedRecipient, Reason};
+use crate::clock::Clock;
 use crate::logging;
 use crate::mailroot::Folder;
+use crate::mailroot::Mailroot;
+use crate::queue::Queue;
 use crate::queue::{self, Control, Recipient, State};
 use crate::relay::Relay;
-use crate::runtime::bindings::exports::mailroot::relay::stages::{QueueState, RecipientResult};
+use crate::runtime::bindings::mailroot::relay::types::{
+    DeliveryReport, QueueState, QueuedMessage, RecipientResult,
+};
 
 /// Wait after a component failure (trap or CPU stop) before the next try:
 /// the retry schedule lives in the component, which just failed.
@@ -52,41 +58,132 @@ pub fn destination(control: &Control) -> String {
         .unwrap_or_default()
 }
 
-/// Attempt delivery of a due message. Returns the attempt and the queue ids
-/// of the DSNs it queued.
-pub fn attempt_delivery(relay: &Relay, mut control: Control) -> (Attempt, Vec<String>) {
-    let queue_id = control.queue_id.clone();
-    let queue_id = queue_id.as_str();
+/// Attempt a batch of due messages (for one destination) in one component
+/// call, so that they share connections. Returns, per message, the attempt
+/// and the queue ids of the DSNs it queued.
+pub fn attempt_batch(relay: &Relay, controls: Vec<Control>) -> Vec<(Attempt, Vec<String>)> {
+    let mut results = Vec::with_capacity(controls.len());
+    let mut batch = Vec::with_capacity(controls.len());
+    for control in controls {
+        if control.pending().is_empty() {
+            // Every recipient was final already (a crash after the last attempt).
+            results.push((finish(&relay.spool(), &control), Vec::new()));
+            continue;
+        }
+        batch.push(control);
+    }
+    if batch.is_empty() {
+        return results;
+    }
+    let messages: Vec<QueuedMessage> = batch
+        .iter()
+        .map(|c| QueuedMessage {
+            file: queue::message_file(&c.queue_id),
+            sender: c.sender.clone(),
+            recipients: c.pending(),
+            state: QueueState {
+                queue_id: c.queue_id.clone(),
+                attempts: c.attempts,
+                arrival_ms: c.first_seen_ms,
+                delay_notice_sent: c.delay_notice_sent,
+            },
+        })
+        .collect();
+    let recorder = Recorder::new(
+        relay.spool(),
+        batch
+            .iter()
+            .zip(&messages)
+            .map(|(c, m)| (c.clone(), m.recipients.clone()))
+            .collect(),
+    );
+    let (recorder, outcome) = relay.runtime.deliver(&messages, &relay.options, recorder);
     let now_ms = relay.clock.now_ms();
-    let pending = control.pending();
-    if pending.is_empty() {
-        return (finish(relay, &control), Vec::new());
-    }
-    let file = queue::message_file(queue_id);
-    if let Err(e) = relay.queue.mark_in_flight(queue_id) {
-        logging::warn(&format!(
-            "{queue_id}: cannot mark the attempt in flight: {e}"
-        ));
-    }
-    let state = QueueState {
-        queue_id: queue_id.to_string(),
-        attempts: control.attempts,
-        arrival_ms: control.first_seen_ms,
-        delay_notice_sent: control.delay_notice_sent,
-    };
-    let report =
-        match relay
-            .runtime
-            .deliver(&file, &control.sender, &pending, &state, &relay.options)
-        {
-            Ok(report) => report,
-            Err(e) => {
-                return (
-                    component_failed(relay, &mut control, &e.to_string(), now_ms),
+    for (mut control, recorded) in batch.into_iter().zip(recorder.results) {
+        match (recorded, &outcome) {
+            (Some(result), _) => results.push(result),
+            (None, Err(e)) => results.push((
+                component_failed(relay, &mut control, &e.to_string(), now_ms),
+                Vec::new(),
+            )),
+            (None, Ok(())) => {
+                let error = "the component returned without reporting this message";
+                results.push((
+                    component_failed(relay, &mut control, error, now_ms),
                     Vec::new(),
-                );
+                ));
             }
+        }
+    }
+    results
+}
+
+/// The queue, the folders and the clock: what recording an attempt needs.
+#[derive(Clone)]
+pub struct Spool {
+    pub queue: Queue,
+    pub mailroot: Mailroot,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Stores each report of a `deliver` call as the component hands it over
+/// (`queue.record-attempt`), while the call goes on.
+pub struct Recorder {
+    spool: Spool,
+    batch: Vec<Option<(Control, Vec<String>)>>,
+    results: Vec<Option<(Attempt, Vec<String>)>>,
+}
+
+impl Recorder {
+    /// For a batch of messages and the recipients offered for each.
+    pub fn new(spool: Spool, batch: Vec<(Control, Vec<String>)>) -> Self {
+        let results = batch.iter().map(|_| None).collect();
+        let recorder = Recorder {
+            spool,
+            batch: batch.into_iter().map(Some).collect(),
+            results,
         };
+        recorder.mark_in_flight(0);
+        recorder
+    }
+
+    /// The component works on the messages in order: mark the one it is on.
+    fn mark_in_flight(&self, index: usize) {
+        if let Some(Some((control, _))) = self.batch.get(index)
+            && let Err(e) = self.spool.queue.mark_in_flight(&control.queue_id)
+        {
+            logging::warn(&format!(
+                "{}: cannot mark the attempt in flight: {e}",
+                control.queue_id
+            ));
+        }
+    }
+
+    /// Store the report for message `index`; a second report for the same
+    /// message, or one for no message, is ignored.
+    pub fn record(&mut self, index: u32, report: DeliveryReport) {
+        let index = index as usize;
+        let Some((control, pending)) = self.batch.get_mut(index).and_then(Option::take) else {
+            logging::warn(&format!(
+                "the component reported on message {index}, which it was not given or already reported"
+            ));
+            return;
+        };
+        if let Some(slot) = self.results.get_mut(index) {
+            *slot = Some(apply_report(&self.spool, control, &pending, report));
+        }
+        self.mark_in_flight(index + 1);
+    }
+}
+
+/// Record what one attempt did to one message.
+fn apply_report(
+    spool: &Spool,
+    mut control: Control,
+    pending: &[String],
+    report: DeliveryReport,
+) -> (Attempt, Vec<String>) {
+    let now_ms = spool.clock.now_ms();
     for outcome in report.outcomes {
         // Only recipients that were offered can change: a broken component
         // cannot add or resurrect recipients.
@@ -122,7 +219,7 @@ pub fn attempt_delivery(relay: &Relay, mut control: Control) -> (Attempt, Vec<St
         .into_iter()
         .filter_map(|notice| {
             queue_notice(
-                relay,
+                spool,
                 &control.original_name,
                 &notice.recipient,
                 &notice.message,
@@ -130,17 +227,17 @@ pub fn attempt_delivery(relay: &Relay, mut control: Control) -> (Attempt, Vec<St
         })
         .collect();
     if let Some(reason) = report.badmail {
-        copy_failed_to_badmail(relay, &control, reason, &pending, now_ms);
+        copy_failed_to_badmail(spool, &control, reason, pending, now_ms);
     }
     let attempt = if control.pending().is_empty() {
-        finish(relay, &control)
+        finish(spool, &control)
     } else {
         let fallback = now_ms.saturating_add(duration_ms(COMPONENT_FAILURE_DELAY));
         control.next_attempt_ms = report.next_attempt_ms.unwrap_or(fallback);
         log_deferred(&control);
-        write_control(relay, &control, Attempt::Deferred)
+        write_control(spool, &control, Attempt::Deferred)
     };
-    let _ = relay.queue.clear_in_flight(queue_id);
+    let _ = spool.queue.clear_in_flight(&control.queue_id);
     (attempt, notices)
 }
 
@@ -148,8 +245,8 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn write_control(relay: &Relay, control: &Control, success: Attempt) -> Attempt {
-    match relay.queue.write_control(control) {
+fn write_control(spool: &Spool, control: &Control, success: Attempt) -> Attempt {
+    match spool.queue.write_control(control) {
         Ok(()) => success,
         Err(e) => {
             logging::error(&format!(
@@ -196,7 +293,7 @@ fn component_failed(relay: &Relay, control: &mut Control, error: &str, now_ms: u
             &queue::message_file(&id),
             &reason,
         ) {
-            Ok(_) => finish(relay, control),
+            Ok(_) => finish(&relay.spool(), control),
             Err(e) => {
                 logging::error(&format!("{id}: cannot move to Badmail: {e}"));
                 Attempt::Error
@@ -204,13 +301,13 @@ fn component_failed(relay: &Relay, control: &mut Control, error: &str, now_ms: u
         };
     }
     control.next_attempt_ms = now_ms.saturating_add(duration_ms(COMPONENT_FAILURE_DELAY));
-    write_control(relay, control, Attempt::Deferred)
+    write_control(&relay.spool(), control, Attempt::Deferred)
 }
 
 /// Every recipient is final: the message leaves the queue.
-fn finish(relay: &Relay, control: &Control) -> Attempt {
+fn finish(spool: &Spool, control: &Control) -> Attempt {
     let failed = control.recipients.iter().any(|r| r.state == State::Failed);
-    if let Err(e) = relay.queue.remove(&control.queue_id) {
+    if let Err(e) = spool.queue.remove(&control.queue_id) {
         logging::error(&format!(
             "{}: cannot remove the queue files: {e}",
             control.queue_id
@@ -226,8 +323,8 @@ fn finish(relay: &Relay, control: &Control) -> Attempt {
 }
 
 /// Queue a DSN from the null sender to `to`; returns its queue id.
-pub(crate) fn queue_notice(relay: &Relay, about: &str, to: &str, dsn: &[u8]) -> Option<String> {
-    let now_ms = relay.clock.now_ms();
+pub(crate) fn queue_notice(spool: &Spool, about: &str, to: &str, dsn: &[u8]) -> Option<String> {
+    let now_ms = spool.clock.now_ms();
     let queue_id = queue::new_queue_id(now_ms);
     let control = Control {
         queue_id: queue_id.clone(),
@@ -245,7 +342,7 @@ pub(crate) fn queue_notice(relay: &Relay, about: &str, to: &str, dsn: &[u8]) -> 
         next_attempt_ms: now_ms,
         delay_notice_sent: false,
     };
-    match relay.queue.commit(&control, dsn) {
+    match spool.queue.commit(&control, dsn) {
         Ok(()) => {
             logging::info(&format!(
                 "{queue_id}: from=<> to=<{to}> size={} (delivery status notification for {about})",
@@ -264,7 +361,7 @@ pub(crate) fn queue_notice(relay: &Relay, about: &str, to: &str, dsn: &[u8]) -> 
 /// this attempt and their replies. A copy, not a move: other recipients may
 /// still be pending.
 fn copy_failed_to_badmail(
-    relay: &Relay,
+    spool: &Spool,
     control: &Control,
     reason_text: String,
     offered: &[String],
@@ -293,12 +390,12 @@ fn copy_failed_to_badmail(
             remote_mta: r.remote_mta.clone(),
         })
         .collect();
-    let message = relay
+    let message = spool
         .mailroot
         .read(Folder::Queue, &queue::message_file(id), u64::MAX);
     let copied = message
         .map_err(std::io::Error::other)
-        .and_then(|m| badmail::copy_to_badmail(&relay.mailroot, &m, &reason));
+        .and_then(|m| badmail::copy_to_badmail(&spool.mailroot, &m, &reason));
     match copied {
         Ok(path) => logging::warn(&format!(
             "{id}: {} (copy in {})",

@@ -170,7 +170,7 @@ pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
         Ok(Err(rejection)) => {
             if let Some(notice) = &rejection.notice {
                 crate::delivery::queue_notice(
-                    relay,
+                    &relay.spool(),
                     &claimed.original,
                     &notice.recipient,
                     &notice.message,

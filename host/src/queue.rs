@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::mailroot::{Folder, Mailroot};
+use crate::runtime::HostState;
+use crate::runtime::bindings::mailroot::relay::queue as queue_import;
+use crate::runtime::bindings::mailroot::relay::types::DeliveryReport;
 
 /// Suffix of claimed, not yet accepted pickup files.
 pub const CLAIMED_SUFFIX: &str = ".claimed";
@@ -225,6 +228,45 @@ impl Queue {
         Ok(ids)
     }
 
+    /// Remove what a crash can leave behind and nothing refers to: half
+    /// written temporary files, message files whose control file was never
+    /// committed (their claimed pickup file is accepted again, or the attempt
+    /// that queued them is repeated), and stray failure counters. Run at
+    /// start-up only, before any stage writes.
+    pub fn remove_orphans(&self) -> io::Result<Vec<String>> {
+        let dir = self.dir();
+        let names: Vec<String> = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let has = |name: &str| names.iter().any(|n| n == name);
+        let claimed_ids: Vec<String> = names
+            .iter()
+            .filter_map(|n| parse_claimed(n))
+            .map(|(id, _)| id)
+            .collect();
+        let mut removed = Vec::new();
+        for name in &names {
+            let orphan = if name.starts_with('.') && name.ends_with(".tmp") {
+                true
+            } else if let Some(id) = name.strip_suffix(".eml") {
+                !has(&control_file(id))
+            } else if let Some(id) = name.strip_suffix(".failures") {
+                !has(&control_file(id)) && !claimed_ids.iter().any(|c| c == id)
+            } else {
+                false
+            };
+            if orphan {
+                remove_if_present(&dir.join(name))?;
+                removed.push(name.clone());
+            }
+        }
+        if !removed.is_empty() {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
+    }
+
     /// Count one more component failure (trap or CPU stop) on `queue_id`;
     /// returns the count so far. Kept on disk so that a restart does not
     /// reset it.
@@ -259,6 +301,16 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+impl queue_import::Host for HostState {
+    fn record_attempt(&mut self, index: u32, report: DeliveryReport) {
+        self.blocking(|state| {
+            if let Some(recorder) = state.recorder.as_mut() {
+                recorder.record(index, report);
+            }
+        });
     }
 }
 

@@ -178,6 +178,15 @@ impl Relay {
         &self.mailroot
     }
 
+    /// The queue, folders and clock, for the stages that record attempts.
+    pub(crate) fn spool(&self) -> delivery::Spool {
+        delivery::Spool {
+            queue: self.queue.clone(),
+            mailroot: self.mailroot.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
     /// Count a component failure on a message; true when it is time to give
     /// up on it. A count that cannot be stored never gives up: the message
     /// stays queued rather than be judged on a guess.
@@ -315,7 +324,7 @@ impl Relay {
                                 .unwrap_or(0)
                                 < limit
                         });
-                        let Some(control) = position.and_then(|p| state.waiting.remove(p)) else {
+                        let Some(first) = position.and_then(|p| state.waiting.remove(p)) else {
                             if state.waiting.is_empty() {
                                 break;
                             }
@@ -325,16 +334,34 @@ impl Relay {
                                 .unwrap_or_else(|poisoned| poisoned.into_inner());
                             continue;
                         };
-                        let key = delivery::destination(&control);
+                        let key = delivery::destination(&first);
+                        // More messages for the same destination ride on the
+                        // same component call and connections.
+                        let mut batch = vec![first];
+                        while batch.len() < BATCH {
+                            let Some(p) = state
+                                .waiting
+                                .iter()
+                                .position(|c| delivery::destination(c) == key)
+                            else {
+                                break;
+                            };
+                            let Some(next) = state.waiting.remove(p) else {
+                                break;
+                            };
+                            batch.push(next);
+                        }
                         *state.in_flight.entry(key.clone()).or_insert(0) += 1;
                         drop(state);
-                        let (attempt, notices) = delivery::attempt_delivery(self, control);
+                        let results = delivery::attempt_batch(self, batch);
                         state = lock(&shared);
                         if let Some(count) = state.in_flight.get_mut(&key) {
                             *count -= 1;
                         }
-                        state.attempts.push(attempt);
-                        state.notices.extend(notices);
+                        for (attempt, notices) in results {
+                            state.attempts.push(attempt);
+                            state.notices.extend(notices);
+                        }
                         changed.notify_all();
                     }
                 });
@@ -477,6 +504,15 @@ fn retry_schedule(runtime: &Runtime, settings: &Settings) -> Result<RetrySchedul
 /// recipients are still pending, and those that the server had already
 /// accepted will get the message a second time. Say so, once.
 fn recover_interrupted_attempts(queue: &Queue) {
+    match queue.remove_orphans() {
+        Ok(removed) if !removed.is_empty() => logging::info(&format!(
+            "removed {} files left incomplete by a crash: {}",
+            removed.len(),
+            removed.join(", ")
+        )),
+        Ok(_) => {}
+        Err(e) => logging::warn(&format!("cannot clean the queue after a crash: {e}")),
+    }
     for id in queue.interrupted_attempts().unwrap_or_default() {
         let pending = queue.load(&id).map(|c| c.pending()).unwrap_or_default();
         if !pending.is_empty() {
@@ -492,6 +528,9 @@ fn recover_interrupted_attempts(queue: &Queue) {
         let _ = queue.clear_in_flight(&id);
     }
 }
+
+/// Most messages for one destination delivered in one component call.
+const BATCH: usize = 32;
 
 /// A poisoned lock only means another worker panicked; the data is still sound.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -34,6 +34,9 @@ pub mod bindings {
 }
 
 use bindings::exports::mailroot::relay::stages;
+use bindings::mailroot::relay::types::QueuedMessage;
+
+use crate::delivery::Recorder;
 
 /// How often the epoch advances; the CPU deadline is checked at this grain.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -81,6 +84,8 @@ pub struct HostState {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_read_bytes: u64,
     pub(crate) open_connections: usize,
+    /// Stores delivery reports during a `deliver` call.
+    pub(crate) recorder: Option<Recorder>,
     /// What the log lines of this call are about (a queue id).
     pub(crate) log_context: String,
     call_started: Instant,
@@ -202,6 +207,7 @@ impl Runtime {
             clock: caps.clock.clone(),
             max_read_bytes: caps.max_read_bytes,
             open_connections: 0,
+            recorder: None,
             log_context: log_context.to_string(),
             call_started: Instant::now(),
             in_imports: Duration::ZERO,
@@ -251,23 +257,33 @@ impl Runtime {
         }))
     }
 
-    /// The `deliver` stage for the queued message `file`.
+    /// The `deliver` stage for a batch of queued messages. `recorder`
+    /// stores each report as the component hands it over; it comes back
+    /// with what it recorded, whatever became of the call.
     pub fn deliver(
         &self,
-        file: &str,
-        sender: &str,
-        recipients: &[String],
-        state: &stages::QueueState,
+        messages: &[QueuedMessage],
         options: &stages::RelayOptions,
-    ) -> Result<stages::DeliveryReport, CallError> {
-        self.contain(
-            self.instantiate(&state.queue_id)
-                .and_then(|(mut store, relay)| {
-                    relay
-                        .mailroot_relay_stages()
-                        .call_deliver(&mut store, file, sender, recipients, state, options)
-                }),
-        )
+        recorder: Recorder,
+    ) -> (Recorder, Result<(), CallError>) {
+        let context = messages
+            .first()
+            .map(|m| m.state.queue_id.as_str())
+            .unwrap_or("deliver");
+        let (mut store, relay) = match self.instantiate(context) {
+            Ok(instance) => instance,
+            Err(e) => return (recorder, self.contain(Err(e))),
+        };
+        store.data_mut().recorder = Some(recorder);
+        let outcome = relay
+            .mailroot_relay_stages()
+            .call_deliver(&mut store, messages, options);
+        let recorder = store.data_mut().recorder.take();
+        match recorder {
+            Some(recorder) => (recorder, self.contain(outcome)),
+            // Only this function takes the recorder out of the store.
+            None => unreachable!("the recorder left the store"),
+        }
     }
 
     /// The `explain` stage: what the relay would do with `raw`.

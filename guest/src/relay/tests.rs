@@ -144,6 +144,8 @@ struct FakeHost {
     logs: Vec<String>,
     now_ms: u64,
     drops: Vec<Vec<u8>>,
+    /// Recorded reports, with how many messages the servers had then.
+    recorded: Vec<(usize, DeliveryReport, usize)>,
 }
 
 impl FakeHost {
@@ -224,6 +226,14 @@ impl Capabilities for FakeHost {
     }
     fn now_ms(&mut self) -> u64 {
         self.now_ms
+    }
+    fn record_attempt(&mut self, index: usize, report: DeliveryReport) {
+        let sent = self
+            .servers
+            .values()
+            .map(|s| s.borrow().messages.len())
+            .sum();
+        self.recorded.push((index, report, sent));
     }
     fn log(&mut self, _: Level, message: &str) {
         self.logs.push(message.to_string());
@@ -971,4 +981,47 @@ fn explain_reports_routes_without_connecting() {
         "5.1.10"
     );
     assert!(host.connects.is_empty());
+}
+
+#[test]
+fn a_batch_reuses_the_connection_between_messages() {
+    let mut host = host_with_message();
+    host.files.insert("Q2.eml".into(), MESSAGE.to_vec());
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    host.now_ms = ARRIVAL;
+    let message = |file: &str, rcpt: &str| QueuedMessage {
+        file: file.into(),
+        sender: "s@src.test".into(),
+        recipients: rcpts(&[rcpt]),
+        state: state(0, false),
+    };
+    deliver_batch(
+        &mut host,
+        &[
+            message("Q1.eml", "a@one.test"),
+            message("Q2.eml", "b@one.test"),
+        ],
+        &options(),
+    );
+    let recorded = &host.recorded;
+    assert_eq!(
+        recorded.iter().map(|(i, _, _)| *i).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert!(recorded.iter().all(|(_, r, _)| delivered(&r.outcomes[0])));
+    assert_eq!(
+        recorded[0].2, 1,
+        "the first report is recorded before the second message is sent"
+    );
+    assert_eq!(host.connects.len(), 1, "one connection for both messages");
+    assert_eq!(server.borrow().messages.len(), 2);
+    let commands = server.borrow().commands.clone();
+    let rset = commands
+        .iter()
+        .position(|c| c == "RSET")
+        .expect("RSET before reuse");
+    assert_eq!(commands[rset + 1], "MAIL FROM:<s@src.test>");
+    assert_eq!(commands.last().map(String::as_str), Some("QUIT"));
 }

@@ -50,14 +50,8 @@ mod hostile {
             <Component as stages::Guest>::accept(file, queue_id, options)
         }
 
-        fn deliver(
-            file: String,
-            sender: String,
-            recipients: Vec<String>,
-            state: stages::QueueState,
-            options: stages::RelayOptions,
-        ) -> stages::DeliveryReport {
-            <Component as stages::Guest>::deliver(file, sender, recipients, state, options)
+        fn deliver(messages: Vec<types::QueuedMessage>, options: stages::RelayOptions) {
+            <Component as stages::Guest>::deliver(messages, options)
         }
     }
 
