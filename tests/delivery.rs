@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mailroot_e2e::{Dns, SilentServer, SmtpPeer, TestCertificates, TestMailroot, pickup_file};
+use mailroot_e2e::{
+    Dns, PostfixPeer, SilentServer, SmtpPeer, TestCertificates, TestMailroot, pickup_file,
+};
 
 fn dns_to(domain: &str, peer_ip: impl std::fmt::Display) -> Dns {
     Dns::start(
@@ -79,6 +81,65 @@ fn starttls_verify_succeeds_with_the_test_ca_and_fails_without_it() {
     root.drop_file("opportunistic.eml", &message);
     assert_eq!(root.run_once(&[]), 0);
     assert!(peer.messages()[1].tls);
+}
+
+#[test]
+fn starttls_to_postfix_verifies_with_the_test_ca_and_fails_without_it() {
+    let certs = TestCertificates::new("mx.pftls.test");
+    let recorder = SmtpPeer::start();
+    let postfix = PostfixPeer::start(&certs, "pftls.test", recorder.ip);
+    let dns = dns_to("pftls", postfix.ip);
+    let message = pickup_file(
+        "s@src.test",
+        &["r@pftls.test"],
+        "Subject: to postfix\r\n\r\nx\r\n",
+    );
+
+    // Without the test CA the certificate does not verify: deferred, nothing sent.
+    let root = TestMailroot::new(&dns);
+    root.drop_file("unverified.eml", &message);
+    assert_eq!(root.run_once(&["--mx-tls", "verify"]), 1);
+    let recipient = &root.queued()[0]["recipients"][0];
+    assert_eq!(recipient["status"], "4.7.5", "{recipient}");
+
+    // With it: Postfix accepts the message over TLS and relays it on.
+    let root = TestMailroot::new(&dns);
+    root.drop_file("verified.eml", &message);
+    assert_eq!(
+        root.run_once(&[
+            "--mx-tls",
+            "verify",
+            "--ca-file",
+            certs.ca.to_str().unwrap()
+        ]),
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorder.messages().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "Postfix did not relay the message: {}",
+            postfix.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = recorder.messages();
+    assert_eq!(got.len(), 1, "only the verified attempt reached Postfix");
+    let text = got[0].text();
+    assert!(
+        text.contains("(using TLS"),
+        "Postfix's Received header records TLS: {text}"
+    );
+    assert!(text.contains("Subject: to postfix"));
+    let log = postfix.log();
+    assert!(
+        log.contains("alert unknown ca"),
+        "the first attempt refused Postfix's certificate: {log}"
+    );
+    assert!(
+        log.contains("starttls=1 mail=1 rcpt=1 data=1"),
+        "the second sent the message after STARTTLS: {log}"
+    );
 }
 
 #[test]

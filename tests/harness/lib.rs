@@ -450,6 +450,131 @@ impl TestCertificates {
     }
 }
 
+/// A private Postfix instance (its own configuration, queue and log in a
+/// scratch directory) with an smtpd on its own loopback address, offering
+/// STARTTLS with the given certificate, relaying what it accepts for
+/// `domain` to `relay_to` (an [`SmtpPeer`] that records it).
+pub struct PostfixPeer {
+    pub ip: Ipv4Addr,
+    config: PathBuf,
+    dir: Scratch,
+}
+
+impl PostfixPeer {
+    pub fn start(certificates: &TestCertificates, domain: &str, relay_to: Ipv4Addr) -> Self {
+        require("postfix", "Debian package postfix");
+        let dir = Scratch::new("postfix");
+        let d = dir.0.clone();
+        let ip = unique_ip();
+        for sub in ["conf", "spool", "data"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        // Postfix's daemons run as the postfix user: they must reach the directory.
+        let status = Command::new("chmod")
+            .arg("755")
+            .arg(&d)
+            .arg(d.join("conf"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = Command::new("chown")
+            .arg("postfix")
+            .arg(d.join("data"))
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "chown postfix: is the postfix user there?"
+        );
+        fs::copy(&certificates.cert, d.join("cert.pem")).unwrap();
+        fs::copy(&certificates.key, d.join("key.pem")).unwrap();
+        let dd = d.display();
+        fs::write(
+            d.join("conf/main.cf"),
+            format!(
+                "compatibility_level = 3.6\nqueue_directory = {dd}/spool\ndata_directory = {dd}/data\nmyhostname = mx.{domain}\n\
+                 mydestination =\nlocal_recipient_maps =\nlocal_transport = error:no local delivery\nalias_maps =\nalias_database =\n\
+                 inet_interfaces = all\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\nrelay_domains = {domain}\n\
+                 relayhost = [{relay_to}]:{SMTP_PORT}\nsmtpd_tls_cert_file = {dd}/cert.pem\nsmtpd_tls_key_file = {dd}/key.pem\n\
+                 smtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\nmaillog_file_prefixes = {dd}\n\
+                 maillog_file = {dd}/maillog\nsmtputf8_enable = no\nbiff = no\n"
+            ),
+        )
+        .unwrap();
+        let mut master = format!("{ip}:{SMTP_PORT} inet n - n - - smtpd\n");
+        for line in [
+            "pickup unix n - n 60 1 pickup",
+            "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr",
+            "tlsmgr unix - - n 1000? 1 tlsmgr",
+            "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce",
+            "verify unix - - n - 1 verify",
+            "flush unix n - n 1000? 0 flush",
+            "proxymap unix - - n - - proxymap",
+            "smtp unix - - n - - smtp",
+            "relay unix - - n - - smtp",
+            "showq unix n - n - - showq",
+            "error unix - - n - - error",
+            "retry unix - - n - - error",
+            "discard unix - - n - - discard",
+            "anvil unix - - n - 1 anvil",
+            "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd",
+        ] {
+            master.push_str(line);
+            master.push('\n');
+        }
+        fs::write(d.join("conf/master.cf"), master).unwrap();
+        let config = d.join("conf");
+        let output = Command::new("postfix")
+            .arg("-c")
+            .arg(&config)
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "postfix start: {} {}",
+            String::from_utf8_lossy(&output.stderr),
+            fs::read_to_string(d.join("maillog")).unwrap_or_default()
+        );
+        let peer = PostfixPeer { ip, config, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect_timeout(
+            &SocketAddr::from((ip, SMTP_PORT)),
+            Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "Postfix did not listen on {ip}: {}",
+                peer.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peer
+    }
+
+    /// Postfix's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.0.join("maillog")).unwrap_or_default()
+    }
+}
+
+impl Drop for PostfixPeer {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("stop")
+            .output();
+    }
+}
+
 /// A fault no real server produces: accepts connections and never says a
 /// word (hand-written, as the guide allows for fault injection).
 pub struct SilentServer {
