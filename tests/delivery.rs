@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mailroot_e2e::{
-    Dns, PostfixPeer, SilentServer, SmtpPeer, TestCertificates, TestMailroot, pickup_file,
+    Dns, PostfixPeer, SilentServer, SmtpPeer, SmtpSink, TestCertificates, TestMailroot, pickup_file,
 };
 
 fn dns_to(domain: &str, peer_ip: impl std::fmt::Display) -> Dns {
@@ -455,4 +455,69 @@ fn check_explains_a_file_without_sending_anything() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("reject unparseable"), "{out}");
     assert_eq!(peer.connections(), 0, "check never connects");
+}
+
+#[test]
+fn servers_without_8bitmime_or_smtputf8_are_never_sent_what_they_cannot_take() {
+    let seven_bit = SmtpSink::start(&["-8"]);
+    let no_utf8 = SmtpPeer::start_with(&["--no-smtputf8"]);
+    let senders = SmtpPeer::start();
+    let dns = Dns::start(
+        &[
+            "seven IN MX 10 mx.seven".to_string(),
+            format!("mx.seven IN A {}", seven_bit.ip),
+            "ascii IN MX 10 mx.ascii".to_string(),
+            format!("mx.ascii IN A {}", no_utf8.ip),
+            "src IN MX 10 mx.src".to_string(),
+            format!("mx.src IN A {}", senders.ip),
+        ],
+        &[],
+    );
+    let root = TestMailroot::new(&dns);
+    root.drop_file(
+        "eight-bit.eml",
+        &pickup_file(
+            "s@src.test",
+            &["r@seven.test"],
+            "Subject: menu\r\n\r\ncaf\u{e9} au lait\r\n",
+        ),
+    );
+    root.drop_file(
+        "utf8-header.eml",
+        &pickup_file(
+            "s@src.test",
+            &["r@ascii.test"],
+            "Subject: caf\u{e9}\r\n\r\nplain body\r\n",
+        ),
+    );
+    root.drop_file(
+        "plain.eml",
+        &pickup_file(
+            "s@src.test",
+            &["r@seven.test"],
+            "Subject: plain\r\n\r\nplain body\r\n",
+        ),
+    );
+    assert_eq!(root.run_once(&[]), 1);
+
+    let dumped = seven_bit.dumped();
+    assert_eq!(
+        dumped.len(),
+        1,
+        "only the 7-bit message reached the server without 8BITMIME"
+    );
+    assert!(dumped[0].contains("Subject: plain"));
+    assert!(
+        no_utf8.messages().is_empty(),
+        "no UTF-8 header to a server without SMTPUTF8"
+    );
+
+    let dsns: Vec<String> = senders.messages().iter().map(|m| m.text()).collect();
+    assert_eq!(dsns.len(), 2, "one DSN each");
+    assert!(dsns.iter().any(|d| {
+        d.contains("Final-Recipient: rfc822; r@seven.test\r\nAction: failed\r\nStatus: 5.6.3\r\n")
+    }));
+    assert!(dsns.iter().any(|d| {
+        d.contains("Final-Recipient: rfc822; r@ascii.test\r\nAction: failed\r\nStatus: 5.6.7\r\n")
+    }));
 }

@@ -575,6 +575,72 @@ impl Drop for PostfixPeer {
     }
 }
 
+/// Postfix's `smtp-sink`, a real SMTP server for tests and benchmarks, on
+/// its own address, dumping each message it receives into a file.
+pub struct SmtpSink {
+    child: Child,
+    pub ip: Ipv4Addr,
+    dir: Scratch,
+}
+
+impl SmtpSink {
+    /// Start with extra options (`-8`: no 8BITMIME, ...).
+    pub fn start(options: &[&str]) -> Self {
+        require("smtp-sink", "Debian package postfix");
+        let dir = Scratch::new("sink");
+        let ip = unique_ip();
+        // As root, smtp-sink insists on dropping privileges (-u); its dumps
+        // go to a directory that user can write.
+        let status = Command::new("chmod").arg("1777").arg(&dir.0).status().unwrap();
+        assert!(status.success());
+        let child = Command::new("smtp-sink")
+            .args(["-u", "nobody"])
+            .args(options)
+            .arg("-d")
+            .arg(format!("{}/message.", dir.0.display()))
+            .arg(format!("{ip}:{SMTP_PORT}"))
+            .arg("64")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start smtp-sink");
+        let sink = SmtpSink { child, ip, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(
+            &SocketAddr::from((ip, SMTP_PORT)),
+            Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "smtp-sink did not listen on {ip}"
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        sink
+    }
+
+    /// The messages dumped so far (smtp-sink's dump format: envelope lines, then the message).
+    pub fn dumped(&self) -> Vec<String> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|f| String::from_utf8_lossy(&fs::read(f).unwrap()).into_owned())
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
 /// A fault no real server produces: accepts connections and never says a
 /// word (hand-written, as the guide allows for fault injection).
 pub struct SilentServer {

@@ -79,6 +79,7 @@ async def main():
     parser.add_argument("--tls-cert", help="offer STARTTLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     parser.add_argument("--auth", help="USER:PASSWORD: require AUTH (only after STARTTLS)")
+    parser.add_argument("--no-smtputf8", action="store_true", help="do not offer SMTPUTF8")
     parser.add_argument("--rcpt-fail-first", action="append", default=[],
                         help="PREFIX=N: answer 451 to the first N RCPTs starting with PREFIX")
     args = parser.parse_args()
@@ -87,7 +88,7 @@ async def main():
     rcpt_fail_first = [(p, int(n)) for p, n in (r.rsplit("=", 1) for r in args.rcpt_fail_first)]
     handler = Recorder(args.out, args.mail_reply, rcpt_replies, rcpt_fail_first)
     loop = asyncio.get_running_loop()
-    options = dict(decode_data=False, enable_SMTPUTF8=True, ident="mailroot test peer")
+    options = dict(decode_data=False, enable_SMTPUTF8=not args.no_smtputf8, ident="mailroot test peer")
     if args.tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.tls_cert, args.tls_key)
