@@ -591,7 +591,11 @@ impl SmtpSink {
         let ip = unique_ip();
         // As root, smtp-sink insists on dropping privileges (-u); its dumps
         // go to a directory that user can write.
-        let status = Command::new("chmod").arg("1777").arg(&dir.0).status().unwrap();
+        let status = Command::new("chmod")
+            .arg("1777")
+            .arg(&dir.0)
+            .status()
+            .unwrap();
         assert!(status.success());
         let child = Command::new("smtp-sink")
             .args(["-u", "nobody"])

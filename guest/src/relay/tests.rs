@@ -1025,3 +1025,105 @@ fn a_batch_reuses_the_connection_between_messages() {
     assert_eq!(commands[rset + 1], "MAIL FROM:<s@src.test>");
     assert_eq!(commands.last().map(String::as_str), Some("QUIT"));
 }
+
+#[test]
+fn auth_login_when_plain_is_not_offered() {
+    let mut host = host_with_message();
+    let server = host.server("127.0.0.5");
+    server.borrow_mut().tls_handshake = Some(true);
+    server.borrow_mut().extensions.push("AUTH LOGIN".into());
+    server.borrow_mut().rules = vec![
+        ("AUTH LOGIN".into(), "334 VXNlcm5hbWU6".into()),
+        ("DXNLCG==".into(), "334 UGFzc3dvcmQ6".into()),
+        ("C2VJCMV0".into(), "235 2.7.0 authenticated".into()),
+    ];
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@anywhere.test"]),
+        &smarthost_options(true, TlsMode::Verify),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    let commands = server.borrow().commands.clone();
+    let auth = commands.iter().position(|c| c == "AUTH LOGIN").unwrap();
+    assert_eq!(&commands[auth + 1..auth + 3], &["dXNlcg==", "c2VjcmV0"]);
+    assert_eq!(
+        server.borrow().handshakes,
+        vec![true],
+        "verify checks the certificate"
+    );
+}
+
+#[test]
+fn size_and_smtputf8_extensions() {
+    // SIZE: announced, sent, and a message over the limit is refused with 5.3.4.
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    server.borrow_mut().extensions = vec!["SIZE 100000".into(), "8BITMIME".into()];
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &options(),
+    );
+    assert!(delivered(&outcomes[0]));
+    assert!(
+        server
+            .borrow()
+            .commands
+            .contains(&format!("MAIL FROM:<s@src.test> SIZE={}", MESSAGE.len()))
+    );
+    server.borrow_mut().extensions = vec!["SIZE 10".into()];
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["a@one.test"]),
+        &options(),
+    );
+    assert_eq!(
+        (
+            failure(&outcomes[0]).permanent,
+            failure(&outcomes[0]).status.as_str()
+        ),
+        (true, "5.3.4")
+    );
+
+    // SMTPUTF8: a UTF-8 address needs it; without it the recipient fails, unaltered.
+    host.mx("xn--bcher-kva.test", &[(10, "mx.one.test")]);
+    host.mx("bücher.test", &[(10, "mx.one.test")]);
+    server.borrow_mut().extensions = vec!["8BITMIME".into()];
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["jörg@bücher.test"]),
+        &options(),
+    );
+    assert_eq!(failure(&outcomes[0]).status, "5.6.7");
+    server.borrow_mut().extensions = vec!["8BITMIME".into(), "SMTPUTF8".into()];
+    let outcomes = deliver_once(
+        &mut host,
+        "Q1.eml",
+        "s@src.test",
+        &rcpts(&["jörg@bücher.test"]),
+        &options(),
+    );
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    assert!(
+        server
+            .borrow()
+            .commands
+            .contains(&"MAIL FROM:<s@src.test> SMTPUTF8".to_string())
+    );
+    assert!(
+        server
+            .borrow()
+            .commands
+            .contains(&"RCPT TO:<jörg@bücher.test>".to_string())
+    );
+}
