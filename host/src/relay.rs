@@ -22,7 +22,7 @@ use crate::runtime::bindings::exports::mailroot::relay::stages::{RelayOptions, T
 use crate::runtime::bindings::mailroot::relay::types::{
     EnvelopeSource, Limits, RetrySchedule, Severity, TlsMode,
 };
-use crate::runtime::{Capabilities, Runtime};
+use crate::runtime::{Capabilities, ComponentLimits, Runtime};
 use crate::settings::Settings;
 use crate::sockets::TlsSettings;
 
@@ -138,7 +138,14 @@ impl Relay {
                 .saturating_add(1 << 20),
         };
         let started = Instant::now();
-        let runtime = Runtime::new(&bytes, capabilities, settings.component_limits)
+        // Compiled code is cached in the mailroot's own hidden `.cache`.
+        let cache_dir = mailroot.root().join(".cache");
+        // One instance slot per worker, and a few for start-up and `check`.
+        let limits = ComponentLimits {
+            instances: settings.workers.saturating_add(8),
+            ..settings.component_limits
+        };
+        let runtime = Runtime::new(&bytes, capabilities, limits, Some(&cache_dir))
             .map_err(|e| StartError::Component(format!("{e:#}")))?;
         logging::debug(&format!("component compiled in {:?}", started.elapsed()));
         let t = &settings.smtp_timeouts;

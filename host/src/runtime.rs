@@ -10,11 +10,16 @@
 //! deadline callback subtracts the time spent in imports ([`HostState::blocking`])
 //! and only traps when the guest's own execution exceeds the budget.
 
+use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::clock::Clock;
@@ -48,6 +53,9 @@ pub struct ComponentLimits {
     pub memory_bytes: usize,
     /// Most CPU time one call may spend in the guest itself.
     pub cpu: Duration,
+    /// Instances alive at once (the pooling allocator's slots): the workers,
+    /// plus a few for start-up and `check`.
+    pub instances: usize,
 }
 
 impl Default for ComponentLimits {
@@ -57,6 +65,7 @@ impl Default for ComponentLimits {
         ComponentLimits {
             memory_bytes: 256 << 20,
             cpu: Duration::from_secs(10),
+            instances: 108,
         }
     }
 }
@@ -162,11 +171,24 @@ impl Runtime {
         component: &[u8],
         capabilities: Capabilities,
         limits: ComponentLimits,
+        cache_dir: Option<&Path>,
     ) -> wasmtime::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // A pool of instance slots, reused from message to message: a fresh
+        // instance per call costs microseconds, and linear memory starts from
+        // a copy-on-write image.
+        let slots = u32::try_from(limits.instances).unwrap_or(u32::MAX).max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(4))
+            .max_memory_size(limits.memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        config.memory_init_cow(true);
         let engine = Engine::new(&config)?;
-        let component = Component::new(&engine, component)?;
+        let component = compile(&engine, component, cache_dir)?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         bindings::Relay::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| {
@@ -313,6 +335,45 @@ impl Runtime {
                 }),
         )
     }
+}
+
+/// Compile `bytes`, or load the machine code compiled earlier from
+/// `cache_dir`, so that start-up does not recompile (Cranelift takes 0.5 to
+/// 1.3 s per MiB here). The cache key covers the component's bytes and the
+/// engine's compatibility hash, so another component or another wasmtime
+/// never loads stale code. The directory must be the service's own:
+/// deserializing trusts its content.
+fn compile(engine: &Engine, bytes: &[u8], cache_dir: Option<&Path>) -> wasmtime::Result<Component> {
+    let Some(dir) = cache_dir else {
+        return Component::new(engine, bytes);
+    };
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let name = format!("relay-{:016x}.cwasm", hasher.finish());
+    let path = dir.join(&name);
+    if path.is_file() {
+        // SAFETY: the file was written by `precompile_component` of an engine
+        // with the same compatibility hash, into the service's own directory.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => return Ok(component),
+            Err(e) => crate::logging::warn(&format!(
+                "ignoring the compiled component {}: {e}",
+                path.display()
+            )),
+        }
+    }
+    let compiled = engine.precompile_component(bytes)?;
+    let stored = std::fs::create_dir_all(dir)
+        .and_then(|()| crate::queue::write_atomic(dir, &name, &compiled));
+    if let Err(e) = stored {
+        crate::logging::warn(&format!(
+            "cannot cache the compiled component in {}: {e}",
+            dir.display()
+        ));
+    }
+    // SAFETY: `compiled` was produced just now by this engine.
+    unsafe { Component::deserialize(engine, &compiled) }
 }
 
 /// Advance the engine's epoch every [`EPOCH_TICK`] until the engine is gone.

@@ -1,0 +1,100 @@
+#!/bin/bash
+# bench-vs-postfix.sh - mailroot and Postfix side by side, on the same corpus,
+# on this machine, loopback only. Prints messages per second for each, the
+# ratio, peak RSS and CPU seconds.
+#
+#   tests/bench/bench-vs-postfix.sh [REPEAT]        (default 3; needs root)
+#
+# Env:
+#   CASES   "MSGS:RCPTS ..." (default "10000:1 2000:10"): MSGS files of about
+#           4 KB, RCPTS recipients each spread over d0.test..d9.test
+#   TOOLS   "mailroot postfix" (default both)
+#   SHARED  the shared benchmark scripts (default ../shared/bench beside the repo)
+#
+# Both relays resolve MX records through the same local DNS server
+# (dns-mx-server.sh: d<i>.test MX mx.d<i>.test, A 127.0.0.1) and deliver to
+# smtp-sink on 127.0.0.1:2525; the clock runs from the moment the files are
+# released until smtp-sink has received every transaction.
+# - mailroot: the corpus is copied into Pickup while mailroot is stopped, then
+#   `mailroot serve` starts (start-up included in the time).
+# - Postfix: bench-postfix.sh's "prefill" mode in "mx" mode (its maildrop filled
+#   first, then released at once: pickup, cleanup, qmgr, smtp).
+# Both fsync every accepted message before the original is gone.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+SHARED=${SHARED:-$(cd "$REPO/.." && pwd)/shared/bench}
+[ -f "$SHARED/common.sh" ] || { echo "no benchmark scripts in $SHARED (set SHARED)"; exit 2; }
+export RESULTS=${RESULTS:-$REPO/target/bench-results.csv}
+source "$SHARED/common.sh"
+REPEAT=${1:-3}
+CASES=${CASES:-"10000:1 2000:10"}
+TOOLS=${TOOLS:-"mailroot postfix"}
+DNS_ADDR=127.0.0.53
+MAILROOT=$REPO/target/release/mailroot
+
+cleanup() {
+    stop_sink
+    stop_mon
+    [ -n "${RELAY_PID:-}" ] && kill "$RELAY_PID" 2>/dev/null
+    "$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
+}
+trap cleanup EXIT
+
+log "building mailroot (release)"
+(cd "$REPO" && cargo build --release -q -p mailroot) || die "cargo build failed"
+command -v smtp-sink >/dev/null || "$SHARED/peers-install.sh" apt >&2
+"$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
+rm -f "$RESULTS"
+
+# run_mailroot MSGS RCPTS RUN
+run_mailroot() {
+    local msgs=$1 rcpts=$2 run=$3 corpus root txns t0 t1
+    corpus=$(corpus "$msgs" "$rcpts")
+    root="$WORK/mailroot-root"
+    rm -rf "$root"; mkdir -p "$root/Pickup"
+    cp "$corpus"/* "$root/Pickup/"
+    touch -d '-10 seconds' "$root"/Pickup/*
+    sync
+    # one transaction per recipient domain
+    txns=$(( msgs * (rcpts < 10 ? rcpts : 10) ))
+    start_sink "$txns"
+    t0=$(now)
+    "$MAILROOT" serve --root "$root" --hostname bench.localdomain --dns-server "$DNS_ADDR:53" \
+        --smtp-port "$SINK_PORT" --poll-interval 0.05 >"$WORK/mailroot.log" 2>&1 &
+    RELAY_PID=$!
+    start_mon "$WORK/mailroot-mon.json" "$RELAY_PID"
+    wait_sink || log "warning: smtp-sink ended with an error"
+    t1=$(now)
+    stop_mon
+    kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null; RELAY_PID=
+    record mailroot "mx,pickup" "$msgs" "$rcpts" "$run" "$(echo "$t1 - $t0" | bc)" "$txns" \
+        "$(json_get "$WORK/mailroot-mon.json" peak_rss_kb)" "$(json_get "$WORK/mailroot-mon.json" peak_pss_kb)" \
+        "$(json_get "$WORK/mailroot-mon.json" cpu_s)" "" ""
+}
+
+for case in $CASES; do
+    msgs=${case%%:*}; rcpts=${case##*:}
+    for tool in $TOOLS; do
+        case $tool in
+        mailroot) for run in $(seq 1 "$REPEAT"); do run_mailroot "$msgs" "$rcpts" "$run"; done ;;
+        postfix) MODES=mx CASES="$msgs:$rcpts:prefill" DNS_ADDR=$DNS_ADDR "$SHARED/bench-postfix.sh" "$REPEAT" ;;
+        esac
+    done
+done
+"$SHARED/bench-postfix.sh" teardown >/dev/null 2>&1
+
+echo
+summarize "$RESULTS"
+"$PY" - "$RESULTS" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+def median(tool, msgs, rcpts):
+    rates = [float(r["msgs_per_s"]) for r in rows if r["tool"] == tool and r["msgs"] == msgs and r["rcpts"] == rcpts]
+    return statistics.median(rates) if rates else None
+print()
+print(f'{"case":<14} {"mailroot/s":>11} {"postfix/s":>10} {"ratio":>6}')
+for msgs, rcpts in sorted({(r["msgs"], r["rcpts"]) for r in rows}, key=lambda k: (int(k[1]), int(k[0]))):
+    m, p = median("mailroot", msgs, rcpts), median("postfix", msgs, rcpts)
+    ratio = f"{m / p:.2f}" if m and p else "-"
+    print(f'{msgs + "x" + rcpts:<14} {m or 0:>11.0f} {p or 0:>10.0f} {ratio:>6}')
+PY
