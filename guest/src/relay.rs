@@ -340,6 +340,69 @@ pub fn deliver<C: Capabilities>(
     report
 }
 
+/// [`Capabilities`] with DNS answers remembered for the life of a batch.
+struct DnsMemo<'a, C> {
+    inner: &'a mut C,
+    mx: std::collections::HashMap<String, MxAnswer>,
+    ip: std::collections::HashMap<String, AddressAnswer>,
+}
+
+impl<'a, C> DnsMemo<'a, C> {
+    fn new(inner: &'a mut C) -> Self {
+        DnsMemo {
+            inner,
+            mx: Default::default(),
+            ip: Default::default(),
+        }
+    }
+}
+
+impl<C: Capabilities> Capabilities for DnsMemo<'_, C> {
+    type Conn = C::Conn;
+    fn read_queue_file(&mut self, name: &str) -> Result<Vec<u8>, ReadError> {
+        self.inner.read_queue_file(name)
+    }
+    fn read_queue_head(&mut self, name: &str, max_bytes: u64) -> Result<Vec<u8>, ReadError> {
+        self.inner.read_queue_head(name, max_bytes)
+    }
+    fn lookup_mx(&mut self, domain: &str) -> MxAnswer {
+        if let Some(answer) = self.mx.get(domain) {
+            return answer.clone();
+        }
+        let answer = self.inner.lookup_mx(domain);
+        self.mx.insert(domain.to_string(), answer.clone());
+        answer
+    }
+    fn lookup_ip(&mut self, host: &str) -> AddressAnswer {
+        if let Some(answer) = self.ip.get(host) {
+            return answer.clone();
+        }
+        let answer = self.inner.lookup_ip(host);
+        self.ip.insert(host.to_string(), answer.clone());
+        answer
+    }
+    fn connect(
+        &mut self,
+        address: &str,
+        port: u16,
+        timeout_ms: u32,
+    ) -> Result<Self::Conn, smtp::SocketError> {
+        self.inner.connect(address, port, timeout_ms)
+    }
+    fn write_drop(&mut self, content: &[u8]) -> Result<String, String> {
+        self.inner.write_drop(content)
+    }
+    fn now_ms(&mut self) -> u64 {
+        self.inner.now_ms()
+    }
+    fn log(&mut self, level: Level, message: &str) {
+        self.inner.log(level, message)
+    }
+    fn record_attempt(&mut self, index: usize, report: DeliveryReport) {
+        self.inner.record_attempt(index, report)
+    }
+}
+
 /// One message of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
@@ -354,6 +417,9 @@ pub struct QueuedMessage {
 /// connection, after an RSET. Each report goes to
 /// [`Capabilities::record_attempt`] as soon as its message is done.
 pub fn deliver_batch<C: Capabilities>(caps: &mut C, messages: &[QueuedMessage], options: &Options) {
+    // The messages of a batch mostly share destinations: ask DNS once per
+    // name per batch (a batch lasts seconds, far below any useful TTL).
+    let caps = &mut DnsMemo::new(caps);
     let mut sessions = Sessions::default();
     for (index, m) in messages.iter().enumerate() {
         let report = deliver_with(

@@ -152,6 +152,16 @@ pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
             }
         }
     };
+    if relay.queue.is_committed(id) {
+        // Committed before the relay stopped; only the claimed file was left.
+        return match relay.queue.remove_claimed(&claimed.file) {
+            Ok(()) => Acceptance::Queued,
+            Err(e) => {
+                logging::error(&format!("{id}: cannot remove {}: {e}", claimed.file));
+                Acceptance::Retry
+            }
+        };
+    }
     let accepted = match relay.runtime.accept(&claimed.file, id, &relay.options) {
         Err(e) => {
             logging::error(&format!("{id}: {e}; the file stays queued"));

@@ -229,7 +229,10 @@ impl Relay {
             Err(e) => logging::error(&format!("cannot scan Pickup: {e}")),
         }
         let results = Mutex::new(Vec::new());
-        self.parallel(claimed, |c| {
+        // Accepting waits on fsync: enough threads to overlap the syncs (the
+        // journal commits them together), few enough not to spin on the
+        // Queue directory's lock (perf showed both ends).
+        self.parallel(claimed, ACCEPT_THREADS, |c| {
             let result = pickup::accept_claimed(self, &c);
             lock(&results).push(result);
         });
@@ -380,9 +383,11 @@ impl Relay {
         (shared.attempts, shared.notices)
     }
 
-    /// Run `work` on every item with up to `workers` threads.
-    fn parallel<T: Send>(&self, items: Vec<T>, work: impl Fn(T) + Sync) {
-        let workers = self.settings.workers.clamp(1, items.len().max(1));
+    /// Run `work` on every item with up to `threads` threads (at most `workers`).
+    fn parallel<T: Send>(&self, items: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
+        let workers = threads
+            .min(self.settings.workers)
+            .clamp(1, items.len().max(1));
         let queue = Mutex::new(VecDeque::from(items));
         std::thread::scope(|scope| {
             for _ in 0..workers {
@@ -535,6 +540,9 @@ fn recover_interrupted_attempts(queue: &Queue) {
         let _ = queue.clear_in_flight(&id);
     }
 }
+
+/// Threads for the accept stage.
+const ACCEPT_THREADS: usize = 16;
 
 /// Most messages for one destination delivered in one component call.
 const BATCH: usize = 32;

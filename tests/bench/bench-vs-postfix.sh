@@ -46,9 +46,15 @@ command -v smtp-sink >/dev/null || "$SHARED/peers-install.sh" apt >&2
 "$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
 rm -f "$RESULTS"
 
+# bench-postfix.sh stops the DNS server when it ends: start it again for mailroot.
+ensure_dns() {
+    "$SHARED/dns-mx-server.sh" status >/dev/null 2>&1 || "$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
+}
+
 # run_mailroot MSGS RCPTS RUN
 run_mailroot() {
     local msgs=$1 rcpts=$2 run=$3 corpus root txns t0 t1
+    ensure_dns
     corpus=$(corpus "$msgs" "$rcpts")
     root="$WORK/mailroot-root"
     rm -rf "$root"; mkdir -p "$root/Pickup"
@@ -67,7 +73,7 @@ run_mailroot() {
     t1=$(now)
     stop_mon
     kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null; RELAY_PID=
-    record mailroot "mx,pickup" "$msgs" "$rcpts" "$run" "$(echo "$t1 - $t0" | bc)" "$txns" \
+    record mailroot "mx-pickup" "$msgs" "$rcpts" "$run" "$(echo "$t1 - $t0" | bc)" "$txns" \
         "$(json_get "$WORK/mailroot-mon.json" peak_rss_kb)" "$(json_get "$WORK/mailroot-mon.json" peak_pss_kb)" \
         "$(json_get "$WORK/mailroot-mon.json" cpu_s)" "" ""
 }
