@@ -40,16 +40,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# bench-postfix.sh stops the DNS server when it ends: start it again for mailroot.
+ensure_dns() {
+    [ -f "$WORK/dns.pid" ] && kill -0 "$(cat "$WORK/dns.pid")" 2>/dev/null && return 0
+    "$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
+}
+
 log "building mailroot (release)"
 (cd "$REPO" && cargo build --release -q -p mailroot) || die "cargo build failed"
 command -v smtp-sink >/dev/null || "$SHARED/peers-install.sh" apt >&2
-"$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
+"$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
+ensure_dns
 rm -f "$RESULTS"
-
-# bench-postfix.sh stops the DNS server when it ends: start it again for mailroot.
-ensure_dns() {
-    "$SHARED/dns-mx-server.sh" status >/dev/null 2>&1 || "$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
-}
 
 # run_mailroot MSGS RCPTS RUN
 run_mailroot() {
