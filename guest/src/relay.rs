@@ -147,7 +147,8 @@ pub struct DeliveryReport {
     pub notices: Vec<Notice>,
     /// A delay notice is among `notices`.
     pub delay_notice_sent: bool,
-    /// Recipients failed for a null-sender message: the Badmail reason.
+    /// Recipients failed permanently in this attempt: the reason for the
+    /// Badmail copy (it says whether a DSN was sent).
     pub badmail: Option<String>,
 }
 
