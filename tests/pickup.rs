@@ -40,8 +40,16 @@ fn files_being_written_are_left_alone() {
     let mut writer = fs::File::create(&open_path).unwrap();
     writer.write_all(&message).unwrap();
     backdate(&open_path);
-    // Changed just now.
-    fs::write(root.dir("Pickup").join("fresh.eml"), &message).unwrap();
+    // Changed within the settle time. Dated ahead, so that a slow test
+    // machine cannot let the second pass by before the relay looks.
+    let fresh = root.dir("Pickup").join("fresh.eml");
+    fs::write(&fresh, &message).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&fresh)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(30))
+        .unwrap();
     // Hidden and .tmp names, by convention still being written.
     root.drop_file(".hidden.eml", &message);
     root.drop_file("partial.tmp", &message);

@@ -130,7 +130,65 @@ pub enum Acceptance {
 }
 
 /// Let the component accept a claimed file; commit it, or send it to Badmail.
-pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
+/// A claimed file after the component looked at it.
+enum Prepared {
+    /// Rejected, or left for later.
+    Done(Acceptance),
+    /// Ready to commit: its control record and its cleaned message.
+    Ready(Control, Vec<u8>),
+}
+
+/// Accept a chunk of claimed files and commit the accepted ones together:
+/// one filesystem sync for the chunk instead of three fsyncs per message
+/// (group commit, as databases do).
+pub fn accept_claimed(relay: &Relay, chunk: &[Claimed]) -> Vec<Acceptance> {
+    let mut results = Vec::with_capacity(chunk.len());
+    let mut ready = Vec::new();
+    for claimed in chunk {
+        match prepare(relay, claimed) {
+            Prepared::Done(acceptance) => results.push(acceptance),
+            Prepared::Ready(control, message) => ready.push((claimed, control, message)),
+        }
+    }
+    if ready.is_empty() {
+        return results;
+    }
+    let entries: Vec<(&Control, &[u8])> = ready
+        .iter()
+        .map(|(_, control, message)| (control, message.as_slice()))
+        .collect();
+    if let Err(e) = relay.queue.commit_batch(&entries) {
+        logging::error(&format!(
+            "cannot write the queue files of {} messages: {e}; will try again",
+            ready.len()
+        ));
+        results.extend(ready.iter().map(|_| Acceptance::Retry));
+        return results;
+    }
+    for (claimed, control, message) in ready {
+        let id = &control.queue_id;
+        if let Err(e) = relay
+            .queue
+            .remove_claimed(&claimed.file)
+            .and_then(|()| relay.queue.clear_component_failures(id))
+        {
+            logging::warn(&format!(
+                "{id}: committed, but {} is left behind: {e}",
+                claimed.file
+            ));
+        }
+        logging::info(&format!(
+            "{id}: from=<{}> nrcpt={} size={}",
+            control.sender,
+            control.recipients.len(),
+            message.len()
+        ));
+        results.push(Acceptance::Queued);
+    }
+    results
+}
+
+fn prepare(relay: &Relay, claimed: &Claimed) -> Prepared {
     let now_ms = relay.clock.now_ms();
     let id = &claimed.queue_id;
     let rejected = |code: &str, text: String| {
@@ -142,23 +200,23 @@ pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
         match badmail::move_to_badmail(&relay.mailroot, Folder::Queue, &claimed.file, &reason) {
             Ok(_) => {
                 let _ = relay.queue.clear_component_failures(id);
-                Acceptance::Rejected
+                Prepared::Done(Acceptance::Rejected)
             }
             Err(e) => {
                 logging::error(&format!(
                     "{id}: cannot move to Badmail, kept in the queue: {e}"
                 ));
-                Acceptance::Retry
+                Prepared::Done(Acceptance::Retry)
             }
         }
     };
     if relay.queue.is_committed(id) {
         // Committed before the relay stopped; only the claimed file was left.
         return match relay.queue.remove_claimed(&claimed.file) {
-            Ok(()) => Acceptance::Queued,
+            Ok(()) => Prepared::Done(Acceptance::Queued),
             Err(e) => {
                 logging::error(&format!("{id}: cannot remove {}: {e}", claimed.file));
-                Acceptance::Retry
+                Prepared::Done(Acceptance::Retry)
             }
         };
     }
@@ -171,11 +229,11 @@ pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
                     format!("the relay component failed on this message repeatedly: {e}"),
                 );
             }
-            return Acceptance::Retry;
+            return Prepared::Done(Acceptance::Retry);
         }
         Ok(Err(rejection)) if rejection.temporary => {
             logging::warn(&format!("{id}: {}; will try again", rejection.text));
-            return Acceptance::Retry;
+            return Prepared::Done(Acceptance::Retry);
         }
         Ok(Err(rejection)) => {
             if let Some(notice) = &rejection.notice {
@@ -214,26 +272,5 @@ pub fn accept_claimed(relay: &Relay, claimed: &Claimed) -> Acceptance {
         first_seen_ms: now_ms,
         next_attempt_ms: now_ms,
     };
-    let committed = relay
-        .queue
-        .commit(&control, &accepted.message)
-        .and_then(|()| relay.queue.remove_claimed(&claimed.file))
-        .and_then(|()| relay.queue.clear_component_failures(id));
-    match committed {
-        Ok(()) => {
-            logging::info(&format!(
-                "{id}: from=<{}> nrcpt={} size={}",
-                control.sender,
-                control.recipients.len(),
-                accepted.message.len()
-            ));
-            Acceptance::Queued
-        }
-        Err(e) => {
-            logging::error(&format!(
-                "{id}: cannot write the queue files: {e}; will try again"
-            ));
-            Acceptance::Retry
-        }
-    }
+    Prepared::Ready(control, accepted.message)
 }

@@ -118,6 +118,18 @@ pub fn parse_claimed(name: &str) -> Option<(String, String)> {
     Some((id.to_string(), original.to_string()))
 }
 
+/// Flush every dirty file of the filesystem that holds `dir` (syncfs(2)):
+/// one journal commit for many files.
+pub fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = File::open(dir)?;
+    // SAFETY: syncfs takes a descriptor we own and has no other effect.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// fsync a directory, so that renames and unlinks in it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -157,6 +169,30 @@ impl Queue {
         let dir = self.dir();
         write_atomic(&dir, &message_file(&control.queue_id), message)?;
         self.write_control(control)
+    }
+
+    /// Commit several new messages at once: every message file and every
+    /// control record (under a temporary name) is written, one `syncfs`
+    /// makes them all durable, the control records are renamed into place,
+    /// and one directory fsync makes the renames durable. A crash before the
+    /// last step leaves message files without control records, which the
+    /// start-up clean-up removes; their claimed files are accepted again.
+    pub fn commit_batch(&self, batch: &[(&Control, &[u8])]) -> io::Result<()> {
+        let dir = self.dir();
+        let mut renames = Vec::with_capacity(batch.len());
+        for (control, message) in batch {
+            fs::write(dir.join(message_file(&control.queue_id)), message)?;
+            let json = serde_json::to_vec_pretty(control).map_err(io::Error::other)?;
+            let name = control_file(&control.queue_id);
+            let temp = dir.join(format!(".{name}.tmp"));
+            fs::write(&temp, json)?;
+            renames.push((temp, dir.join(name)));
+        }
+        sync_filesystem(&dir)?;
+        for (temp, name) in renames {
+            fs::rename(temp, name)?;
+        }
+        sync_dir(&dir)
     }
 
     /// Rewrite the control record after an attempt.

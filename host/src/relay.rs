@@ -232,9 +232,13 @@ impl Relay {
         // Accepting waits on fsync: enough threads to overlap the syncs (the
         // journal commits them together), few enough not to spin on the
         // Queue directory's lock (perf showed both ends).
-        self.parallel(claimed, ACCEPT_THREADS, |c| {
-            let result = pickup::accept_claimed(self, &c);
-            lock(&results).push(result);
+        let chunks: Vec<Vec<Claimed>> = claimed
+            .chunks(ACCEPT_CHUNK)
+            .map(<[Claimed]>::to_vec)
+            .collect();
+        self.parallel(chunks, ACCEPT_THREADS, |chunk| {
+            let chunk_results = pickup::accept_claimed(self, &chunk);
+            lock(&results).extend(chunk_results);
         });
         for result in results.into_inner().unwrap_or_default() {
             match result {
@@ -543,6 +547,8 @@ fn recover_interrupted_attempts(queue: &Queue) {
 
 /// Threads for the accept stage.
 const ACCEPT_THREADS: usize = 16;
+/// Claimed files accepted and committed together (one filesystem sync).
+const ACCEPT_CHUNK: usize = 64;
 
 /// Most messages for one destination delivered in one component call.
 const BATCH: usize = 32;
