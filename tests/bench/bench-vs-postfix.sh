@@ -60,8 +60,10 @@ run_mailroot() {
     corpus=$(corpus "$msgs" "$rcpts")
     root="$WORK/mailroot-root"
     rm -rf "$root"; mkdir -p "$root/Pickup"
-    cp "$corpus"/* "$root/Pickup/"
-    touch -d '-10 seconds' "$root"/Pickup/*
+    # No globs: 100,000 names overflow an argument list.
+    cp -r "$corpus/." "$root/Pickup/"
+    rm -f "$root/Pickup/.done"
+    find "$root/Pickup" -type f -print0 | xargs -0 touch -d '-10 seconds' 
     sync
     # one transaction per recipient domain
     txns=$(( msgs * (rcpts < 10 ? rcpts : 10) ))
