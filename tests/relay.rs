@@ -4,7 +4,7 @@
 
 use mailroot_e2e::{Dns, SmtpPeer, TestMailroot, pickup_file};
 
-fn mx(name: &str, preference: u16, host: &str) -> String {
+fn mx(name: &str, preference: impl std::fmt::Display, host: &str) -> String {
     format!("{name} IN MX {preference} {host}")
 }
 
@@ -355,4 +355,28 @@ fn lines_over_998_characters_are_broken_before_sending() {
         format!("{long}\r\nend\r\n"),
         "broken with CRLF SP, nothing lost"
     );
+}
+
+#[test]
+fn a_truncated_udp_answer_is_asked_again_over_tcp() {
+    // 40 MX records do not fit a 512-byte UDP answer: NSD sets TC, and the
+    // resolver must ask again over TCP to get them all.
+    let mut records: Vec<String> = (0..40)
+        .map(|n| {
+            mx(
+                "big",
+                10 + n,
+                &format!("a-rather-long-exchanger-name-{n:02}.big"),
+            )
+        })
+        .collect();
+    records.push(a("a-rather-long-exchanger-name-00.big", "127.0.0.1"));
+    let dns = Dns::start(&records, &[]);
+    let resolver = mailroot::dns::Resolver::with_server(dns.addr);
+    match resolver.lookup_mx("big.test") {
+        mailroot::runtime::bindings::mailroot::relay::types::MxAnswer::Records(list) => {
+            assert_eq!(list.len(), 40)
+        }
+        other => panic!("expected 40 MX records, got {other:?}"),
+    }
 }
