@@ -287,6 +287,16 @@ fn deliver_once(
     deliver(host, file, sender, recipients, &state(0, false), options).outcomes
 }
 
+/// The message of [`host_with_message`], and one.test with one exchanger,
+/// mx.one.test at 127.0.0.1, served by a simulated server.
+fn one_test_domain() -> (FakeHost, Rc<RefCell<Server>>) {
+    let mut host = host_with_message();
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    let server = host.server("127.0.0.1");
+    (host, server)
+}
+
 fn delivered(outcome: &RecipientOutcome) -> bool {
     matches!(outcome.result, RecipientResult::Delivered(_))
 }
@@ -392,10 +402,7 @@ fn mx_order_and_fallback_on_refusal_and_4xx() {
 
 #[test]
 fn per_recipient_results() {
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
-    let server = host.server("127.0.0.1");
+    let (mut host, server) = one_test_domain();
     server.borrow_mut().rules = vec![
         ("RCPT TO:<GONE@".into(), "550 5.1.1 no such user".into()),
         ("RCPT TO:<LATER@".into(), "451 4.3.0 try later".into()),
@@ -432,10 +439,7 @@ fn per_recipient_results() {
 
 #[test]
 fn helo_fallback_without_pipelining() {
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
-    let server = host.server("127.0.0.1");
+    let (mut host, server) = one_test_domain();
     server.borrow_mut().rules = vec![("EHLO".into(), "502 5.5.1 what".into())];
     let outcomes = deliver_once(
         &mut host,
@@ -503,9 +507,7 @@ fn eight_bit_to_a_seven_bit_server_is_refused_not_altered() {
 
 #[test]
 fn garbage_and_silence_are_temporary() {
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
+    let (mut host, _) = one_test_domain();
     host.server("127.0.0.1").borrow_mut().greeting = "HELLO I AM NOT SMTP".into();
     let outcomes = deliver_once(
         &mut host,
@@ -522,10 +524,8 @@ fn garbage_and_silence_are_temporary() {
 }
 
 fn one_domain_host(rules: Vec<(String, String)>) -> FakeHost {
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
-    host.server("127.0.0.1").borrow_mut().rules = rules;
+    let (host, server) = one_test_domain();
+    server.borrow_mut().rules = rules;
     host
 }
 
@@ -697,10 +697,7 @@ fn an_oversized_message_gets_a_dsn_with_its_headers_only() {
 }
 
 fn tls_host(handshake: Option<bool>) -> (FakeHost, Rc<RefCell<Server>>) {
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
-    let server = host.server("127.0.0.1");
+    let (host, server) = one_test_domain();
     server.borrow_mut().tls_handshake = handshake;
     (host, server)
 }
@@ -871,10 +868,7 @@ fn auth_plain_only_after_tls_and_never_logged() {
 
 #[test]
 fn more_recipients_than_the_limit_go_in_several_transactions() {
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
-    let server = host.server("127.0.0.1");
+    let (mut host, server) = one_test_domain();
     let list: Vec<String> = (0..150).map(|n| format!("user{n}@one.test")).collect();
     let outcomes = deliver_once(&mut host, "Q1.eml", "s@src.test", &list, &options());
     assert!(outcomes.iter().all(delivered));
@@ -1058,10 +1052,7 @@ fn auth_login_when_plain_is_not_offered() {
 #[test]
 fn size_and_smtputf8_extensions() {
     // SIZE: announced, sent, and a message over the limit is refused with 5.3.4.
-    let mut host = host_with_message();
-    host.mx("one.test", &[(10, "mx.one.test")]);
-    host.ip("mx.one.test", "127.0.0.1");
-    let server = host.server("127.0.0.1");
+    let (mut host, server) = one_test_domain();
     server.borrow_mut().extensions = vec!["SIZE 100000".into(), "8BITMIME".into()];
     let outcomes = deliver_once(
         &mut host,
