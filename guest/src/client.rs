@@ -6,6 +6,8 @@
 //! credentials) and then carries as many transactions as the recipient list
 //! needs, at most `max_recipients_per_transaction` recipients each.
 
+use std::cell::RefCell;
+
 use crate::message;
 use crate::relay::{Capabilities, Level, Options, RecipientOutcome, RecipientResult, Timeouts};
 use crate::route::{AddressAnswer, Credentials, Failure, TlsMode};
@@ -50,28 +52,28 @@ impl<C: Connection> Default for Sessions<C> {
 
 impl<C: Connection> Sessions<C> {
     /// An open session for `key`, checked alive with RSET.
-    fn take(&mut self, key: &SessionKey) -> Option<Session<C>> {
+    async fn take(&mut self, key: &SessionKey) -> Option<Session<C>> {
         let position = self.idle.iter().position(|(k, _)| k == key)?;
         let (_, mut session) = self.idle.swap_remove(position);
         let timeout = session.timeouts.mail;
-        match session.exchange("RSET", b"RSET\r\n", timeout) {
+        match session.exchange("RSET", b"RSET\r\n", timeout).await {
             Ok(reply) if reply.is_positive() => Some(session),
             _ => None,
         }
     }
 
-    fn keep(&mut self, key: SessionKey, session: Session<C>) {
+    async fn keep(&mut self, key: SessionKey, session: Session<C>) {
         if self.idle.len() >= MAX_IDLE_SESSIONS {
             let (_, oldest) = self.idle.remove(0);
-            oldest.quit();
+            oldest.quit().await;
         }
         self.idle.push((key, session));
     }
 
     /// QUIT every idle session.
-    pub fn close_all(self) {
+    pub async fn close_all(self) {
         for (_, session) in self.idle {
-            session.quit();
+            session.quit().await;
         }
     }
 }
@@ -91,8 +93,11 @@ pub fn not_delivered(
 
 /// Try the hosts of `target` in order until every recipient has a final
 /// answer; recipients that only got temporary failures move on to the next host.
-pub fn deliver_to_target<C: Capabilities>(
-    caps: &mut C,
+///
+/// `caps` is shared with the other destinations of the call, which run
+/// while this one waits on its server: it is never borrowed across an `.await`.
+pub async fn deliver_to_target<C: Capabilities>(
+    caps: &RefCell<&mut C>,
     sessions: &mut Sessions<C::Conn>,
     target: &Target,
     sender: &str,
@@ -110,7 +115,8 @@ pub fn deliver_to_target<C: Capabilities>(
         .map(|r| not_delivered(r, &unreachable, None))
         .collect();
     'hosts: for host in &target.hosts {
-        let addresses = match caps.lookup_ip(host) {
+        let answer = caps.borrow_mut().lookup_ip(host);
+        let addresses = match answer {
             AddressAnswer::Addresses(list) if !list.is_empty() => list,
             AddressAnswer::Addresses(_) | AddressAnswer::NoRecords => {
                 set_failure(
@@ -155,25 +161,26 @@ pub fn deliver_to_target<C: Capabilities>(
                 tls: target.tls,
                 username: target.credentials.as_ref().map(|c| c.username.clone()),
             };
-            let session = match sessions.take(&key) {
+            let session = match sessions.take(&key).await {
                 Some(session) => Ok(session),
-                None => open_session(caps, &address, host, target, options, true),
+                None => open_session(caps, &address, host, target, options, true).await,
             };
             let session = match session {
                 Err(Opening::TlsHandshake(failure)) if target.tls == TlsMode::Opportunistic => {
                     // Opportunistic TLS may fall back to plain text: nothing was sent yet.
-                    caps.log(
+                    caps.borrow_mut().log(
                         Level::Info,
                         &format!("{remote}: {}; retrying without TLS", failure.text),
                     );
-                    open_session(caps, &address, host, target, options, false)
+                    open_session(caps, &address, host, target, options, false).await
                 }
                 other => other,
             };
             let mut session = match session {
                 Ok(session) => session,
                 Err(Opening::Failed(failure) | Opening::TlsHandshake(failure)) => {
-                    caps.log(Level::Info, &format!("{remote}: {}", failure.text));
+                    caps.borrow_mut()
+                        .log(Level::Info, &format!("{remote}: {}", failure.text));
                     set_failure(&mut pending, &failure, Some(host));
                     continue;
                 }
@@ -185,12 +192,15 @@ pub fn deliver_to_target<C: Capabilities>(
             for (index, chunk) in offered.chunks(chunk_size).enumerate() {
                 if index > 0 {
                     // A refused transaction may still be open: start clean.
-                    let _ = session.exchange("RSET", b"RSET\r\n", options.timeouts.mail);
+                    let _ = session
+                        .exchange("RSET", b"RSET\r\n", options.timeouts.mail)
+                        .await;
                 }
-                match send_transaction(&mut session, sender, chunk, message, options) {
+                match send_transaction(&mut session, sender, chunk, message, options).await {
                     Ok(chunk_results) => results.extend(chunk_results),
                     Err(failure) => {
-                        caps.log(Level::Info, &format!("{remote}: {}", failure.text));
+                        caps.borrow_mut()
+                            .log(Level::Info, &format!("{remote}: {}", failure.text));
                         let left = offered.len() - results.len();
                         results.extend(std::iter::repeat_n(
                             RecipientResult::NotDelivered(failure),
@@ -202,9 +212,9 @@ pub fn deliver_to_target<C: Capabilities>(
                 }
             }
             if healthy {
-                sessions.keep(key, session);
+                sessions.keep(key, session).await;
             } else {
-                session.quit();
+                session.quit().await;
             }
             for (outcome, result) in pending.iter_mut().zip(results) {
                 outcome.result = result;
@@ -245,7 +255,7 @@ fn set_failure(pending: &mut [RecipientOutcome], failure: &Failure, remote: Opti
     }
 }
 
-fn log_outcome<C: Capabilities>(caps: &mut C, outcome: &RecipientOutcome, remote: &str) {
+fn log_outcome<C: Capabilities>(caps: &RefCell<&mut C>, outcome: &RecipientOutcome, remote: &str) {
     let line = match &outcome.result {
         RecipientResult::Delivered(reply) => format!(
             "to=<{}> relay={remote} status=sent ({reply})",
@@ -256,7 +266,7 @@ fn log_outcome<C: Capabilities>(caps: &mut C, outcome: &RecipientOutcome, remote
             outcome.recipient, f.text
         ),
     };
-    caps.log(Level::Info, &line);
+    caps.borrow_mut().log(Level::Info, &line);
 }
 
 /// A failed exchange: 4xx and broken connections are temporary, 5xx permanent.
@@ -303,7 +313,12 @@ struct Session<C: Connection> {
 
 impl<C: Connection> Session<C> {
     /// Send `command` (nothing when empty) and read the reply.
-    fn exchange(&mut self, stage: &str, command: &[u8], timeout: u32) -> Result<Reply, Failure> {
+    async fn exchange(
+        &mut self,
+        stage: &str,
+        command: &[u8],
+        timeout: u32,
+    ) -> Result<Reply, Failure> {
         if !command.is_empty() {
             self.conn
                 .send(command, timeout)
@@ -311,18 +326,23 @@ impl<C: Connection> Session<C> {
         }
         self.reader
             .read(&mut self.conn, timeout)
+            .await
             .map_err(|e| dialogue_failure(stage, &e))
     }
 
     /// EHLO, or HELO when EHLO is refused.
-    fn hello(&mut self, hostname: &str) -> Result<(), Failure> {
+    async fn hello(&mut self, hostname: &str) -> Result<(), Failure> {
         let timeout = self.timeouts.mail;
-        let ehlo = self.exchange("EHLO", format!("EHLO {hostname}\r\n").as_bytes(), timeout)?;
+        let ehlo = self
+            .exchange("EHLO", format!("EHLO {hostname}\r\n").as_bytes(), timeout)
+            .await?;
         if ehlo.is_positive() {
             self.extensions = Extensions::from_ehlo(&ehlo);
             return Ok(());
         }
-        let helo = self.exchange("HELO", format!("HELO {hostname}\r\n").as_bytes(), timeout)?;
+        let helo = self
+            .exchange("HELO", format!("HELO {hostname}\r\n").as_bytes(), timeout)
+            .await?;
         if !helo.is_positive() {
             return Err(Failure::temporary(
                 &transient_status(&helo),
@@ -334,14 +354,14 @@ impl<C: Connection> Session<C> {
     }
 
     /// QUIT is a courtesy; the mail is already accepted or refused.
-    fn quit(mut self) {
+    async fn quit(mut self) {
         let timeout = self.timeouts.mail.min(10_000);
-        let _ = self.exchange("QUIT", b"QUIT\r\n", timeout);
+        let _ = self.exchange("QUIT", b"QUIT\r\n", timeout).await;
     }
 }
 
-fn open_session<K: Capabilities>(
-    caps: &mut K,
+async fn open_session<K: Capabilities>(
+    caps: &RefCell<&mut K>,
     address: &str,
     host: &str,
     target: &Target,
@@ -349,7 +369,8 @@ fn open_session<K: Capabilities>(
     try_tls: bool,
 ) -> Result<Session<K::Conn>, Opening> {
     let t = options.timeouts;
-    let conn = caps.connect(address, target.port, t.connect).map_err(|e| {
+    let connected = caps.borrow_mut().connect(address, target.port, t.connect);
+    let conn = connected.map_err(|e| {
         Opening::Failed(Failure::temporary(
             "4.4.1",
             format!("connect to {host} [{address}]:{}: {e}", target.port),
@@ -365,6 +386,7 @@ fn open_session<K: Capabilities>(
     };
     let greeting = session
         .exchange("greeting", b"", t.greeting)
+        .await
         .map_err(Opening::Failed)?;
     if greeting.code != 220 {
         // Even a 5xx greeting only says this host will not talk to us: try the next one.
@@ -373,13 +395,16 @@ fn open_session<K: Capabilities>(
             format!("greeting: {greeting}"),
         )));
     }
-    session.hello(&options.hostname).map_err(Opening::Failed)?;
+    session
+        .hello(&options.hostname)
+        .await
+        .map_err(Opening::Failed)?;
     let wants_tls = match target.tls {
         TlsMode::None => false,
         TlsMode::Opportunistic => try_tls && session.extensions.starttls,
         TlsMode::Required | TlsMode::Verify => {
             if !session.extensions.starttls {
-                session.quit();
+                session.quit().await;
                 return Err(Opening::Failed(Failure::temporary(
                     "4.7.0",
                     format!(
@@ -394,11 +419,12 @@ fn open_session<K: Capabilities>(
     if wants_tls {
         let reply = session
             .exchange("STARTTLS", b"STARTTLS\r\n", t.mail)
+            .await
             .map_err(Opening::Failed)?;
         if reply.code != 220 {
             if target.tls == TlsMode::Opportunistic {
                 // The server declined; RFC 3207 lets the client go on in plain text.
-                caps.log(
+                caps.borrow_mut().log(
                     Level::Info,
                     &format!("{host}: STARTTLS declined ({reply}); continuing without TLS"),
                 );
@@ -422,18 +448,23 @@ fn open_session<K: Capabilities>(
             session.tls_active = true;
             // RFC 3207: forget what was learned before TLS, and ask again.
             session.reader = ReplyReader::default();
-            session.hello(&options.hostname).map_err(Opening::Failed)?;
+            session
+                .hello(&options.hostname)
+                .await
+                .map_err(Opening::Failed)?;
         }
     }
     if let Some(credentials) = &target.credentials {
-        authenticate(&mut session, credentials).map_err(Opening::Failed)?;
+        authenticate(&mut session, credentials)
+            .await
+            .map_err(Opening::Failed)?;
     }
     Ok(session)
 }
 
 /// AUTH PLAIN or LOGIN (RFC 4954), never over plain text. Neither the
 /// commands nor the credentials reach any log: failures quote the reply only.
-fn authenticate<C: Connection>(
+async fn authenticate<C: Connection>(
     session: &mut Session<C>,
     credentials: &Credentials,
 ) -> Result<(), Failure> {
@@ -457,22 +488,26 @@ fn authenticate<C: Connection>(
     let reply = if offered("PLAIN") {
         let token =
             base64(format!("\0{}\0{}", credentials.username, credentials.password).as_bytes());
-        session.exchange(
-            "AUTH PLAIN",
-            format!("AUTH PLAIN {token}\r\n").as_bytes(),
-            t,
-        )?
+        session
+            .exchange(
+                "AUTH PLAIN",
+                format!("AUTH PLAIN {token}\r\n").as_bytes(),
+                t,
+            )
+            .await?
     } else if offered("LOGIN") {
-        let mut reply = session.exchange("AUTH LOGIN", b"AUTH LOGIN\r\n", t)?;
+        let mut reply = session.exchange("AUTH LOGIN", b"AUTH LOGIN\r\n", t).await?;
         for secret in [&credentials.username, &credentials.password] {
             if reply.code != 334 {
                 break;
             }
-            reply = session.exchange(
-                "AUTH LOGIN",
-                format!("{}\r\n", base64(secret.as_bytes())).as_bytes(),
-                t,
-            )?;
+            reply = session
+                .exchange(
+                    "AUTH LOGIN",
+                    format!("{}\r\n", base64(secret.as_bytes())).as_bytes(),
+                    t,
+                )
+                .await?;
         }
         reply
     } else {
@@ -511,7 +546,7 @@ pub fn base64(bytes: &[u8]) -> String {
 
 /// One transaction on an open session: the result of each recipient, in
 /// order, or a failure that applies to all of them.
-fn send_transaction<C: Connection>(
+async fn send_transaction<C: Connection>(
     session: &mut Session<C>,
     sender: &str,
     recipients: &[String],
@@ -558,18 +593,24 @@ fn send_transaction<C: Connection>(
         for command in &rcpt_commands {
             batch.extend_from_slice(command.as_bytes());
         }
-        let mail_reply = session.exchange("MAIL FROM", &batch, t.mail)?;
+        let mail_reply = session.exchange("MAIL FROM", &batch, t.mail).await?;
         let mut replies = Vec::with_capacity(rcpt_commands.len());
         for _ in &rcpt_commands {
-            replies.push(session.exchange("RCPT TO", b"", t.rcpt)?);
+            replies.push(session.exchange("RCPT TO", b"", t.rcpt).await?);
         }
         (mail_reply, replies)
     } else {
-        let mail_reply = session.exchange("MAIL FROM", mail.as_bytes(), t.mail)?;
+        let mail_reply = session
+            .exchange("MAIL FROM", mail.as_bytes(), t.mail)
+            .await?;
         let mut replies = Vec::with_capacity(rcpt_commands.len());
         if mail_reply.is_positive() {
             for command in &rcpt_commands {
-                replies.push(session.exchange("RCPT TO", command.as_bytes(), t.rcpt)?);
+                replies.push(
+                    session
+                        .exchange("RCPT TO", command.as_bytes(), t.rcpt)
+                        .await?,
+                );
             }
         }
         (mail_reply, replies)
@@ -594,10 +635,12 @@ fn send_transaction<C: Connection>(
     if results.iter().all(Option::is_some) {
         return Ok(results.into_iter().flatten().collect());
     }
-    let data = session.exchange("DATA", b"DATA\r\n", t.data_init)?;
+    let data = session.exchange("DATA", b"DATA\r\n", t.data_init).await?;
     let final_reply = if data.is_intermediate() {
         let block = smtp::data_block(message);
-        session.exchange("end of data", &block, t.data_block.max(t.data_end))?
+        session
+            .exchange("end of data", &block, t.data_block.max(t.data_end))
+            .await?
     } else {
         data
     };

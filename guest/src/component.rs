@@ -322,6 +322,7 @@ mod relay_world {
     use super::bindings::exports::mailroot::relay::stages as exports;
     use super::bindings::mailroot::relay::{clock, dns, folders, log, queue, smtp_socket};
     use super::{Component, wit};
+    use crate::reactor::Waiter;
     use crate::relay::{self, Capabilities, Level, ReadError};
     use crate::route;
     use crate::smtp::{self, SocketError};
@@ -358,8 +359,11 @@ mod relay_world {
         fn send(&mut self, data: &[u8], timeout_ms: u32) -> Result<(), SocketError> {
             smtp_socket::Connection::send(self, data, timeout_ms).map_err(Into::into)
         }
-        fn receive(&mut self, timeout_ms: u32) -> Result<Vec<u8>, SocketError> {
-            smtp_socket::Connection::receive(self, timeout_ms).map_err(Into::into)
+        fn try_receive(&mut self) -> Result<Option<Vec<u8>>, SocketError> {
+            smtp_socket::Connection::try_receive(self).map_err(Into::into)
+        }
+        fn token(&self) -> u64 {
+            smtp_socket::Connection::token(self)
         }
         fn start_tls(
             &mut self,
@@ -374,6 +378,15 @@ mod relay_world {
             };
             smtp_socket::Connection::start_tls(self, server_name, verification, timeout_ms)
                 .map_err(Into::into)
+        }
+    }
+
+    impl Waiter for Imports {
+        fn monotonic_ms(&mut self) -> u64 {
+            clock::monotonic_ms()
+        }
+        fn wait(&mut self, timeout_ms: u32) -> Vec<u64> {
+            smtp_socket::wait(timeout_ms)
         }
     }
 

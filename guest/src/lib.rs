@@ -6,9 +6,10 @@
 //!
 //! Stages, named after Postfix's: [`message`] and [`envelope`] read a pickup
 //! file, [`validate`] judges it, [`cleanup`] prepares it for the queue,
-//! [`route`] orders the exchangers, [`smtp`] speaks to them, [`relay`] drives
-//! one message through them, [`retry`] decides when to try again, and
-//! [`bounce`] writes delivery status notifications.
+//! [`route`] orders the exchangers, [`smtp`] and [`client`] speak to them
+//! ([`reactor`] keeps many sessions going at once in one call), [`relay`]
+//! drives the messages through them, [`retry`] decides when to try again,
+//! and [`bounce`] writes delivery status notifications.
 #![cfg_attr(
     test,
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
@@ -21,6 +22,7 @@ pub mod client;
 pub mod date;
 pub mod envelope;
 pub mod message;
+pub mod reactor;
 pub mod relay;
 pub mod retry;
 pub mod route;

@@ -6,10 +6,15 @@
 
 use crate::bounce::{self, Action, BounceRequest, DsnRecipient};
 use crate::cleanup;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use crate::client::{Sessions, Target, deliver_to_target, not_delivered};
 use crate::date;
 use crate::envelope::{self, Envelope};
 use crate::message;
+use crate::reactor::{self, Waiter};
 use crate::retry::Schedule;
 use crate::route::{self, AddressAnswer, Failure, MxAnswer};
 use crate::route::{RouteChoice, Routing, TlsMode};
@@ -35,8 +40,9 @@ pub enum ReadError {
     Unavailable(String),
 }
 
-/// What the host provides, as the component sees it.
-pub trait Capabilities {
+/// What the host provides, as the component sees it. Waiting on
+/// connections ([`Waiter`]) is part of it.
+pub trait Capabilities: Waiter {
     type Conn: Connection;
     fn read_queue_file(&mut self, name: &str) -> Result<Vec<u8>, ReadError>;
     /// At most `max_bytes` from the start of a queue file.
@@ -315,32 +321,6 @@ fn oversize_notice<C: Capabilities>(
     })
 }
 
-/// One delivery attempt of the queued message `file` to `recipients`, then
-/// the decisions that follow from it: when to retry, whether the sender must
-/// hear of it (one DSN for the recipients that failed in this attempt, one
-/// delay notice once), and whether the message has expired.
-pub fn deliver<C: Capabilities>(
-    caps: &mut C,
-    file: &str,
-    sender: &str,
-    recipients: &[String],
-    state: &QueueState,
-    options: &Options,
-) -> DeliveryReport {
-    let mut sessions = Sessions::default();
-    let report = deliver_with(
-        caps,
-        &mut sessions,
-        file,
-        sender,
-        recipients,
-        state,
-        options,
-    );
-    sessions.close_all();
-    report
-}
-
 /// [`Capabilities`] with DNS answers remembered for the life of a batch.
 struct DnsMemo<'a, C> {
     inner: &'a mut C,
@@ -355,6 +335,15 @@ impl<'a, C> DnsMemo<'a, C> {
             mx: Default::default(),
             ip: Default::default(),
         }
+    }
+}
+
+impl<C: Capabilities> Waiter for DnsMemo<'_, C> {
+    fn monotonic_ms(&mut self) -> u64 {
+        self.inner.monotonic_ms()
+    }
+    fn wait(&mut self, timeout_ms: u32) -> Vec<u64> {
+        self.inner.wait(timeout_ms)
     }
 }
 
@@ -413,41 +402,202 @@ pub struct QueuedMessage {
     pub state: QueueState,
 }
 
-/// [`deliver`] for several messages in turn, reusing connections between
-/// them: a message to a host that the previous one reached goes over the same
-/// connection, after an RSET. Each report goes to
+/// One delivery attempt for each message of a batch, then the decisions
+/// that follow from it: when to retry, whether the sender must hear of it
+/// (one DSN for the recipients that failed in this attempt, one delay notice
+/// once), and whether the message has expired. Each report goes to
 /// [`Capabilities::record_attempt`] as soon as its message is done.
+///
+/// The recipients of the batch are grouped by domain, and every domain is a
+/// task of its own: the domains are delivered concurrently (each waiting on
+/// its own server, see [`reactor`]), the messages of one domain in turn over
+/// the same connection, with an RSET between them.
 pub fn deliver_batch<C: Capabilities>(caps: &mut C, messages: &[QueuedMessage], options: &Options) {
     // The messages of a batch mostly share destinations: ask DNS once per
     // name per batch (a batch lasts seconds, far below any useful TTL).
-    let caps = &mut DnsMemo::new(caps);
-    let mut sessions = Sessions::default();
+    let mut memo = DnsMemo::new(caps);
+    let caps = RefCell::new(&mut memo);
+    let seed = caps.borrow_mut().now_ms();
+    let mut domains: Vec<(String, Vec<DomainItem>)> = Vec::new();
+    let mut domain_index: HashMap<String, usize> = HashMap::new();
+    let mut progress = Vec::with_capacity(messages.len());
     for (index, m) in messages.iter().enumerate() {
-        let report = deliver_with(
-            caps,
-            &mut sessions,
-            &m.file,
-            &m.sender,
-            &m.recipients,
-            &m.state,
-            options,
-        );
-        caps.record_attempt(index, report);
+        let groups = route::group_by_domain(&m.recipients);
+        progress.push(InProgress {
+            bytes: None,
+            outcomes: Vec::new(),
+            domains_left: groups.len(),
+        });
+        for (domain, group) in groups {
+            match domain_index.get(&domain).and_then(|&i| domains.get_mut(i)) {
+                Some((_, items)) => items.push((index, group)),
+                None => {
+                    domain_index.insert(domain.clone(), domains.len());
+                    domains.push((domain, vec![(index, group)]));
+                }
+            }
+        }
     }
-    sessions.close_all();
+    let progress = RefCell::new(progress);
+    let tasks: Vec<reactor::Task<'_, ()>> = domains
+        .into_iter()
+        .map(|(domain, items)| {
+            Box::pin(deliver_domain(
+                &caps, &progress, messages, domain, items, seed, options,
+            )) as reactor::Task<'_, ()>
+        })
+        .collect();
+    reactor::run_all(&caps, tasks);
+    // A message without recipients has nothing to wait for.
+    for (index, m) in messages.iter().enumerate() {
+        if m.recipients.is_empty() {
+            let report = finish_report(&mut **caps.borrow_mut(), m, Vec::new(), &[], options);
+            caps.borrow_mut().record_attempt(index, report);
+        }
+    }
 }
 
+/// One message's recipients at one domain: the message's index in the
+/// batch and the recipients.
+type DomainItem = (usize, Vec<String>);
+
+/// A message of a batch while its domains are being delivered.
+struct InProgress {
+    /// The message, read by the first domain that needs it and released
+    /// once its report is recorded.
+    bytes: Option<Result<Rc<Vec<u8>>, Failure>>,
+    outcomes: Vec<RecipientOutcome>,
+    /// Domains still to finish.
+    domains_left: usize,
+}
+
+/// The task of one domain: its recipients in every message of the batch.
 #[allow(clippy::too_many_arguments)]
-fn deliver_with<C: Capabilities>(
-    caps: &mut C,
-    sessions: &mut Sessions<C::Conn>,
+async fn deliver_domain<C: Capabilities>(
+    caps: &RefCell<&mut C>,
+    progress: &RefCell<Vec<InProgress>>,
+    messages: &[QueuedMessage],
+    domain: String,
+    items: Vec<DomainItem>,
+    seed: u64,
+    options: &Options,
+) {
+    let resolved = resolve_target(
+        &mut **caps.borrow_mut(),
+        &domain,
+        &options.routing,
+        options.smtp_port,
+        seed,
+    );
+    if let Err(failure) = &resolved {
+        caps.borrow_mut()
+            .log(Level::Info, &format!("{domain}: {}", failure.text));
+    }
+    let mut sessions = Sessions::default();
+    for (index, recipients) in items {
+        let Some(queued) = messages.get(index) else {
+            continue;
+        };
+        let message = message_bytes(caps, progress, index, &queued.file);
+        let outcomes = match (&message, &resolved) {
+            (Err(failure), _) | (Ok(_), Err(failure)) => recipients
+                .iter()
+                .map(|r| not_delivered(r, failure, None))
+                .collect(),
+            (Ok(bytes), Ok(Destination::Drop)) => {
+                drop_locally(&mut **caps.borrow_mut(), &queued.sender, &recipients, bytes)
+            }
+            (Ok(bytes), Ok(Destination::Remote(target))) => {
+                deliver_to_target(
+                    caps,
+                    &mut sessions,
+                    target,
+                    &queued.sender,
+                    &recipients,
+                    bytes,
+                    options,
+                )
+                .await
+            }
+        };
+        drop(message);
+        finish_part(caps, progress, messages, index, outcomes, options);
+    }
+    sessions.close_all().await;
+}
+
+/// The bytes of message `index`, read once for all its domains.
+fn message_bytes<C: Capabilities>(
+    caps: &RefCell<&mut C>,
+    progress: &RefCell<Vec<InProgress>>,
+    index: usize,
     file: &str,
-    sender: &str,
-    recipients: &[String],
-    state: &QueueState,
+) -> Result<Rc<Vec<u8>>, Failure> {
+    if let Some(Some(known)) = progress.borrow().get(index).map(|p| p.bytes.clone()) {
+        return known;
+    }
+    let read = caps.borrow_mut().read_queue_file(file);
+    let read = read.map(Rc::new).map_err(|e| {
+        let why = match e {
+            ReadError::TooLarge(size) => {
+                format!("the queued message is {size} bytes, more than the host allows")
+            }
+            ReadError::Unavailable(why) => format!("the queued message cannot be read: {why}"),
+        };
+        Failure::temporary("4.3.0", why)
+    });
+    if let Some(entry) = progress.borrow_mut().get_mut(index) {
+        entry.bytes = Some(read.clone());
+    }
+    read
+}
+
+/// Add one domain's outcomes to message `index`; when it was the last,
+/// decide what follows and record the report.
+fn finish_part<C: Capabilities>(
+    caps: &RefCell<&mut C>,
+    progress: &RefCell<Vec<InProgress>>,
+    messages: &[QueuedMessage],
+    index: usize,
+    outcomes: Vec<RecipientOutcome>,
+    options: &Options,
+) {
+    let mut all = progress.borrow_mut();
+    let (Some(queued), Some(entry)) = (messages.get(index), all.get_mut(index)) else {
+        return;
+    };
+    entry.outcomes.extend(outcomes);
+    entry.domains_left = entry.domains_left.saturating_sub(1);
+    if entry.domains_left > 0 {
+        return;
+    }
+    let mut outcomes = std::mem::take(&mut entry.outcomes);
+    let bytes = entry.bytes.take();
+    drop(all);
+    outcomes.sort_by_key(|o| {
+        queued
+            .recipients
+            .iter()
+            .position(|r| *r == o.recipient)
+            .unwrap_or(usize::MAX)
+    });
+    let message = match &bytes {
+        Some(Ok(bytes)) => bytes.as_slice(),
+        _ => &[],
+    };
+    let report = finish_report(&mut **caps.borrow_mut(), queued, outcomes, message, options);
+    caps.borrow_mut().record_attempt(index, report);
+}
+
+/// The decisions that follow an attempt: retry time, expiry, DSNs.
+fn finish_report<C: Capabilities>(
+    caps: &mut C,
+    queued: &QueuedMessage,
+    mut outcomes: Vec<RecipientOutcome>,
+    message: &[u8],
     options: &Options,
 ) -> DeliveryReport {
-    let (mut outcomes, message) = attempt(caps, sessions, file, sender, recipients, options);
+    let (sender, state) = (queued.sender.as_str(), &queued.state);
     let now_ms = caps.now_ms();
     let mut report = DeliveryReport {
         outcomes: Vec::new(),
@@ -488,7 +638,7 @@ fn deliver_with<C: Capabilities>(
                     state,
                     sender,
                     now_ms,
-                    &message,
+                    message,
                     &delayed,
                     Action::Delayed,
                     Some(until),
@@ -516,7 +666,7 @@ fn deliver_with<C: Capabilities>(
                 state,
                 sender,
                 now_ms,
-                &message,
+                message,
                 &failed,
                 Action::Failed,
                 None,
@@ -591,57 +741,6 @@ fn notice(
         recipient: sender.to_string(),
         message: dsn,
     }
-}
-
-/// The attempt itself: one outcome per recipient, and the message bytes.
-fn attempt<C: Capabilities>(
-    caps: &mut C,
-    sessions: &mut Sessions<C::Conn>,
-    file: &str,
-    sender: &str,
-    recipients: &[String],
-    options: &Options,
-) -> (Vec<RecipientOutcome>, Vec<u8>) {
-    let message = match caps.read_queue_file(file) {
-        Ok(message) => message,
-        Err(e) => {
-            let why = match e {
-                ReadError::TooLarge(size) => {
-                    format!("the queued message is {size} bytes, more than the host allows")
-                }
-                ReadError::Unavailable(why) => format!("the queued message cannot be read: {why}"),
-            };
-            let failure = Failure::temporary("4.3.0", why);
-            return (
-                recipients
-                    .iter()
-                    .map(|r| not_delivered(r, &failure, None))
-                    .collect(),
-                Vec::new(),
-            );
-        }
-    };
-    let seed = caps.now_ms();
-    let mut outcomes = Vec::with_capacity(recipients.len());
-    for (domain, group) in route::group_by_domain(recipients) {
-        let target = match resolve_target(caps, &domain, &options.routing, options.smtp_port, seed)
-        {
-            Ok(Destination::Drop) => {
-                outcomes.extend(drop_locally(caps, sender, &group, &message));
-                continue;
-            }
-            Ok(Destination::Remote(target)) => target,
-            Err(failure) => {
-                caps.log(Level::Info, &format!("{domain}: {}", failure.text));
-                outcomes.extend(group.iter().map(|r| not_delivered(r, &failure, None)));
-                continue;
-            }
-        };
-        outcomes.extend(deliver_to_target(
-            caps, sessions, &target, sender, &group, &message, options,
-        ));
-    }
-    (outcomes, message)
 }
 
 /// Where the mail of one domain goes, resolved as far as DNS allows.

@@ -29,9 +29,16 @@ impl fmt::Display for SocketError {
 }
 
 /// The host's side of a connection.
+///
+/// Sending never waits: the host queues the bytes and writes them while the
+/// component waits for replies (see [`crate::reactor`]).
 pub trait Connection {
+    /// Queue `data`; the host must have written it all within `timeout_ms`.
     fn send(&mut self, data: &[u8], timeout_ms: u32) -> Result<(), SocketError>;
-    fn receive(&mut self, timeout_ms: u32) -> Result<Vec<u8>, SocketError>;
+    /// What has arrived, without waiting: `None` when nothing has yet.
+    fn try_receive(&mut self) -> Result<Option<Vec<u8>>, SocketError>;
+    /// The number the host's `wait` reports this connection by.
+    fn token(&self) -> u64;
     fn start_tls(
         &mut self,
         server_name: &str,
@@ -119,7 +126,7 @@ pub struct ReplyReader {
 
 impl ReplyReader {
     /// Read the next complete reply, receiving more bytes as needed.
-    pub fn read<C: Connection + ?Sized>(
+    pub async fn read<C: Connection>(
         &mut self,
         conn: &mut C,
         timeout_ms: u32,
@@ -132,7 +139,7 @@ impl ReplyReader {
             if self.buffer.len() > MAX_REPLY_BYTES {
                 return Err(DialogueError::Protocol("reply longer than 64 KiB".into()));
             }
-            let more = conn.receive(timeout_ms)?;
+            let more = crate::reactor::receive(conn, timeout_ms).await?;
             if more.is_empty() {
                 return Err(DialogueError::Socket(SocketError::Closed));
             }

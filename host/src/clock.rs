@@ -26,4 +26,7 @@ impl clock::Host for HostState {
     fn now_ms(&mut self) -> u64 {
         self.clock.now_ms()
     }
+    fn monotonic_ms(&mut self) -> u64 {
+        crate::sockets::monotonic_ms()
+    }
 }

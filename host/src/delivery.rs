@@ -143,19 +143,20 @@ impl Recorder {
             batch: batch.into_iter().map(Some).collect(),
             results,
         };
-        recorder.mark_in_flight(0);
+        recorder.mark_all_in_flight();
         recorder
     }
 
-    /// The component works on the messages in order: mark the one it is on.
-    fn mark_in_flight(&self, index: usize) {
-        if let Some(Some((control, _))) = self.batch.get(index)
-            && let Err(e) = self.spool.queue.mark_in_flight(&control.queue_id)
-        {
-            logging::warn(&format!(
-                "{}: cannot mark the attempt in flight: {e}",
-                control.queue_id
-            ));
+    /// The component delivers the domains of a batch concurrently, so any
+    /// message of it may be in flight: mark them all.
+    fn mark_all_in_flight(&self) {
+        for (control, _) in self.batch.iter().flatten() {
+            if let Err(e) = self.spool.queue.mark_in_flight(&control.queue_id) {
+                logging::warn(&format!(
+                    "{}: cannot mark the attempt in flight: {e}",
+                    control.queue_id
+                ));
+            }
         }
     }
 
@@ -172,7 +173,6 @@ impl Recorder {
         if let Some(slot) = self.results.get_mut(index) {
             *slot = Some(apply_report(&self.spool, control, &pending, report));
         }
-        self.mark_in_flight(index + 1);
     }
 }
 

@@ -92,7 +92,7 @@ pub struct HostState {
     pub(crate) tls: TlsSettings,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_read_bytes: u64,
-    pub(crate) open_connections: usize,
+    pub(crate) sockets: crate::sockets::Sockets,
     /// Stores delivery reports during a `deliver` call.
     pub(crate) recorder: Option<Recorder>,
     /// What the log lines of this call are about (a queue id).
@@ -233,7 +233,7 @@ impl Runtime {
             tls: caps.tls.clone(),
             clock: caps.clock.clone(),
             max_read_bytes: caps.max_read_bytes,
-            open_connections: 0,
+            sockets: Default::default(),
             recorder: None,
             log_context: log_context.to_string(),
             call_started: Instant::now(),

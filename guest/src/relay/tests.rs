@@ -29,6 +29,9 @@ struct Server {
     /// The `verify` flag of each handshake.
     handshakes: Vec<bool>,
     tls_active: bool,
+    /// Replies are held until the client waits (a slow server).
+    slow: bool,
+    held: Vec<u8>,
 }
 
 impl Server {
@@ -75,6 +78,19 @@ impl Server {
         }
     }
 
+    /// Queue `reply`; an empty reply is silence.
+    fn answer(&mut self, reply: &str) {
+        if reply.is_empty() {
+            return;
+        }
+        let out = if self.slow {
+            &mut self.held
+        } else {
+            &mut self.output
+        };
+        out.extend_from_slice(format!("{reply}\r\n").as_bytes());
+    }
+
     fn feed(&mut self, data: &[u8]) {
         self.input.extend_from_slice(data);
         loop {
@@ -86,8 +102,7 @@ impl Server {
                 self.messages.push(message[..message.len() - 3].to_vec());
                 self.in_data = false;
                 let reply = self.reply_for("END-OF-DATA");
-                self.output
-                    .extend_from_slice(format!("{reply}\r\n").as_bytes());
+                self.answer(&reply);
                 continue;
             }
             let Some(end) = self.input.windows(2).position(|w| w == b"\r\n") else {
@@ -100,8 +115,7 @@ impl Server {
                 self.in_data = true;
             }
             self.commands.push(command);
-            self.output
-                .extend_from_slice(format!("{reply}\r\n").as_bytes());
+            self.answer(&reply);
         }
     }
 }
@@ -113,13 +127,13 @@ impl Connection for FakeConn {
         self.0.borrow_mut().feed(data);
         Ok(())
     }
-    fn receive(&mut self, _: u32) -> Result<Vec<u8>, SocketError> {
+    /// The simulated server answers at once; silence stays silent.
+    fn try_receive(&mut self) -> Result<Option<Vec<u8>>, SocketError> {
         let out = std::mem::take(&mut self.0.borrow_mut().output);
-        if out.is_empty() {
-            Err(SocketError::TimedOut)
-        } else {
-            Ok(out)
-        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+    fn token(&self) -> u64 {
+        Rc::as_ptr(&self.0) as u64
     }
     fn start_tls(&mut self, _: &str, verify: bool, _: u32) -> Result<(), SocketError> {
         let mut server = self.0.borrow_mut();
@@ -146,6 +160,11 @@ struct FakeHost {
     drops: Vec<Vec<u8>>,
     /// Recorded reports, with how many messages the servers had then.
     recorded: Vec<(usize, DeliveryReport, usize)>,
+    /// Time spent waiting on silent servers (the monotonic clock).
+    waited_ms: u64,
+    /// Calls to `wait`, and how many had been made at each connect.
+    waits: usize,
+    waits_at_connect: Vec<usize>,
 }
 
 impl FakeHost {
@@ -171,6 +190,29 @@ impl FakeHost {
             host.to_string(),
             AddressAnswer::Addresses(vec![address.to_string()]),
         );
+    }
+}
+
+impl Waiter for FakeHost {
+    fn monotonic_ms(&mut self) -> u64 {
+        self.waited_ms
+    }
+    /// Slow servers answer now; when none has anything to say, the time passes.
+    fn wait(&mut self, timeout_ms: u32) -> Vec<u64> {
+        self.waits += 1;
+        let mut ready = Vec::new();
+        for server in self.servers.values() {
+            let mut state = server.borrow_mut();
+            if !state.held.is_empty() {
+                let held = std::mem::take(&mut state.held);
+                state.output.extend_from_slice(&held);
+                ready.push(Rc::as_ptr(server) as u64);
+            }
+        }
+        if ready.is_empty() {
+            self.waited_ms += u64::from(timeout_ms);
+        }
+        ready
     }
 }
 
@@ -201,6 +243,7 @@ impl Capabilities for FakeHost {
     }
     fn connect(&mut self, address: &str, _: u16, _: u32) -> Result<FakeConn, SocketError> {
         self.connects.push(address.to_string());
+        self.waits_at_connect.push(self.waits);
         match self.servers.get(address) {
             Some(server) => {
                 // A new connection starts with empty buffers, as TCP does.
@@ -209,12 +252,10 @@ impl Capabilities for FakeHost {
                 state.output.clear();
                 state.in_data = false;
                 state.tls_active = false;
+                state.held.clear();
+                let greeting = state.greeting.clone();
+                state.answer(&greeting);
                 drop(state);
-                let greeting = server.borrow().greeting.clone();
-                server
-                    .borrow_mut()
-                    .output
-                    .extend_from_slice(format!("{greeting}\r\n").as_bytes());
                 Ok(FakeConn(server.clone()))
             }
             None => Err(SocketError::Refused("nothing listens".into())),
@@ -273,6 +314,27 @@ fn state(attempts: u32, delay_notice_sent: bool) -> QueueState {
         arrival_ms: ARRIVAL,
         delay_notice_sent,
     }
+}
+
+/// One attempt on one message: its report.
+fn deliver(
+    host: &mut FakeHost,
+    file: &str,
+    sender: &str,
+    recipients: &[String],
+    state: &QueueState,
+    options: &Options,
+) -> DeliveryReport {
+    let message = QueuedMessage {
+        file: file.to_string(),
+        sender: sender.to_string(),
+        recipients: recipients.to_vec(),
+        state: state.clone(),
+    };
+    deliver_batch(host, &[message], options);
+    let (index, report, _) = host.recorded.pop().expect("a report was recorded");
+    assert_eq!(index, 0);
+    report
 }
 
 /// A first attempt, right at arrival: only the outcomes.
@@ -1116,5 +1178,40 @@ fn size_and_smtputf8_extensions() {
             .borrow()
             .commands
             .contains(&"RCPT TO:<jörg@bücher.test>".to_string())
+    );
+}
+
+#[test]
+fn the_domains_of_a_batch_are_delivered_concurrently() {
+    let mut host = host_with_message();
+    let domains = ["one.test", "two.test", "three.test"];
+    for (n, domain) in domains.iter().enumerate() {
+        let exchanger = format!("mx.{domain}");
+        let address = format!("127.0.0.{}", n + 1);
+        host.mx(domain, &[(10, &exchanger)]);
+        host.ip(&exchanger, &address);
+        host.server(&address).borrow_mut().slow = true;
+    }
+    // A fourth domain whose server never answers: it times out alone.
+    host.mx("silent.test", &[(10, "mx.silent.test")]);
+    host.ip("mx.silent.test", "127.0.0.9");
+    let silent = host.server("127.0.0.9");
+    silent.borrow_mut().greeting = String::new();
+    silent.borrow_mut().slow = true;
+    let recipients = rcpts(&["a@one.test", "b@two.test", "c@three.test", "d@silent.test"]);
+    let outcomes = deliver_once(&mut host, "Q1.eml", "s@src.test", &recipients, &options());
+    assert!(outcomes[..3].iter().all(delivered), "{outcomes:?}");
+    let timed_out = failure(&outcomes[3]);
+    assert!(!timed_out.permanent);
+    assert!(timed_out.text.contains("greeting"), "{}", timed_out.text);
+    assert_eq!(
+        host.waits_at_connect,
+        vec![0, 0, 0, 0],
+        "every server was connected before any waiting: one session does not wait for another"
+    );
+    assert_eq!(
+        host.waited_ms,
+        u64::from(Timeouts::default().greeting),
+        "the silent server costs its greeting timeout once, not once per domain"
     );
 }
