@@ -128,25 +128,100 @@ pub struct LineStats {
     pub first_nul: Option<u64>,
 }
 
-/// Scan every line once.
+/// Scan every line once, eight bytes at a time.
+///
+/// Every message passes through here at pickup and again before sending,
+/// so this is the hottest loop of the component. A byte-at-a-time loop is
+/// vectorised natively but not for WebAssembly, where it took half of the
+/// parse time; words of eight bytes skip the ordinary text between line
+/// endings in both.
 pub fn line_stats(bytes: &[u8]) -> LineStats {
-    let mut stats = LineStats {
-        has_eight_bit: !bytes.is_ascii(),
-        first_nul: bytes.iter().position(|&b| b == 0).map(|p| p as u64),
-        ..LineStats::default()
-    };
-    for (content, whole) in lines(bytes) {
-        let len = u32::try_from(content.len()).unwrap_or(u32::MAX);
-        stats.longest_line = stats.longest_line.max(len);
-        if content.len() > MAX_LINE_LENGTH {
+    let mut stats = LineStats::default();
+    let mut line_start = 0;
+    let mut i = 0;
+    let end_line = |stats: &mut LineStats, len: usize| {
+        stats.longest_line = stats
+            .longest_line
+            .max(u32::try_from(len).unwrap_or(u32::MAX));
+        if len > MAX_LINE_LENGTH {
             stats.long_lines = stats.long_lines.saturating_add(1);
         }
-        let ending = whole.get(content.len()..).unwrap_or_default();
-        if ending == b"\n" || ending == b"\r" {
-            stats.bare_line_endings = true;
+    };
+    while i < bytes.len() {
+        let rest = bytes.get(i..).unwrap_or_default();
+        i += ordinary_prefix(rest, !stats.has_eight_bit, stats.first_nul.is_none());
+        let Some(&byte) = bytes.get(i) else {
+            break;
+        };
+        match byte {
+            b'\r' | b'\n' => {
+                end_line(&mut stats, i - line_start);
+                let crlf = byte == b'\r' && bytes.get(i + 1) == Some(&b'\n');
+                stats.bare_line_endings |= !crlf;
+                i += if crlf { 2 } else { 1 };
+                line_start = i;
+            }
+            0 => {
+                stats.first_nul.get_or_insert(i as u64);
+                i += 1;
+            }
+            b if b >= 0x80 => {
+                stats.has_eight_bit = true;
+                i += 1;
+            }
+            _ => i += 1,
         }
     }
+    if line_start < bytes.len() {
+        end_line(&mut stats, bytes.len() - line_start);
+    }
     stats
+}
+
+/// How many bytes at the start of `bytes`, in whole blocks, hold no line
+/// ending, no NUL when `nul`, and no 8-bit byte when `high`: the ordinary
+/// text [`line_stats`] may skip, a word of eight bytes at a time.
+fn ordinary_prefix(bytes: &[u8], high: bool, nul: bool) -> usize {
+    let high = if high { HIGH_BITS } else { 0 };
+    let mut skipped = 0;
+    for word in bytes.chunks_exact(8) {
+        let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or([b'\n'; 8]));
+        let special = (word & high)
+            | has_byte(word, b'\n')
+            | has_byte(word, b'\r')
+            | if nul { has_byte(word, 0) } else { 0 };
+        if special != 0 {
+            break;
+        }
+        skipped += 8;
+    }
+    skipped
+}
+
+/// Offset of the first NUL byte, eight bytes at a time (see [`line_stats`]).
+pub fn find_nul(bytes: &[u8]) -> Option<usize> {
+    let mut words = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for word in words.by_ref() {
+        let value = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or([1; 8]));
+        if has_byte(value, 0) != 0 {
+            break;
+        }
+        offset += 8;
+    }
+    let rest = bytes.get(offset..).unwrap_or_default();
+    rest.iter().position(|&b| b == 0).map(|p| offset + p)
+}
+
+/// The high bit of every byte of a word.
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Non-zero when some byte of `word` is `byte` (exact for "some", the bit
+/// positions above the first match aside).
+fn has_byte(word: u64, byte: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let x = word ^ (ONES * u64::from(byte));
+    x.wrapping_sub(ONES) & !x & HIGH_BITS
 }
 
 /// One header field, folded lines included.
@@ -266,7 +341,7 @@ pub fn parse(raw: &[u8]) -> Result<Parsed<'_>, ParseError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(ParseError::Empty);
     }
-    if let Some(offset) = raw.iter().position(|&b| b == 0) {
+    if let Some(offset) = find_nul(raw) {
         return Err(ParseError::NulByte(offset as u64));
     }
     let (pickup, message) = split_pickup_lines(raw)?;
@@ -413,6 +488,55 @@ mod tests {
             summarize(b"From: a@b.c\r\n\r\nx\0y").unwrap_err(),
             ParseError::NulByte(16)
         );
+    }
+
+    /// The definition `line_stats` must agree with: the lines of [`lines`].
+    fn line_stats_by_lines(bytes: &[u8]) -> LineStats {
+        let mut stats = LineStats {
+            has_eight_bit: !bytes.is_ascii(),
+            first_nul: bytes.iter().position(|&b| b == 0).map(|p| p as u64),
+            ..LineStats::default()
+        };
+        for (content, whole) in lines(bytes) {
+            let len = u32::try_from(content.len()).unwrap();
+            stats.longest_line = stats.longest_line.max(len);
+            if content.len() > MAX_LINE_LENGTH {
+                stats.long_lines += 1;
+            }
+            let ending = &whole[content.len()..];
+            stats.bare_line_endings |= ending == b"\n" || ending == b"\r";
+        }
+        stats
+    }
+
+    #[test]
+    fn line_stats_agree_with_the_lines() {
+        // Inputs built from the bytes that matter, at every alignment.
+        let pieces: [&[u8]; 8] = [
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"\0",
+            "\u{e9}".as_bytes(),
+            b"abcdefg",
+            b"x",
+            &[b'y'; 1001],
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..5_000 {
+            let mut input = Vec::new();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut state = seed;
+            for _ in 0..(state % 24) {
+                input.extend_from_slice(pieces[(state % 8) as usize]);
+                state = state.rotate_right(3).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            }
+            let stats = line_stats(&input);
+            assert_eq!(stats, line_stats_by_lines(&input), "{input:?}");
+            assert_eq!(find_nul(&input).map(|p| p as u64), stats.first_nul);
+        }
     }
 
     #[test]
