@@ -39,7 +39,8 @@ options:
                          it override it
   --mx-tls MODE          TLS for MX delivery: none, opportunistic (default),
                          required, verify
-  --max-per-destination N  messages in flight per destination domain (default 20)
+  --max-connections N    SMTP connections at once, in all (default 100)
+  --max-per-destination N  SMTP connections at once to one domain (default 20)
   --once                 process Pickup and the due queue once, then exit:
                          0 when everything was delivered, 1 otherwise
   --hostname NAME        EHLO name and Received/Message-ID host (default: this host)
@@ -49,7 +50,7 @@ options:
   --ca-file FILE         CA bundle for verified TLS (default: system trust store)
   --max-message-size N   largest message accepted, in bytes (default 10485760)
   --max-recipients N     most recipients per message (default 1000)
-  --workers N            messages handled at once, i.e. connections in all (default 100)
+  --workers N            delivery threads; each drives many connections (default 16)
   --poll-interval SECS   how often Pickup and the queue are checked (default 1)
   --retry-profile NAME   postfix (default: backoff 300 s doubling to 4000 s,
                          no delay notice, give up after 5 days) or iis (15, 30,
@@ -127,6 +128,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                 let mode: String = value("--mx-tls", args.next())?;
                 settings.routing.mx_tls =
                     crate::config::tls_mode(&mode).map_err(|e| UsageError(e.to_string()))?;
+            }
+            "--max-connections" => {
+                settings.max_connections = value::<usize>("--max-connections", args.next())?.max(1)
             }
             "--max-per-destination" => {
                 settings.max_per_destination =

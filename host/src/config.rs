@@ -11,8 +11,9 @@
 //! retry_profile = "postfix"             # or "iis"
 //! mx_tls = "opportunistic"              # none | opportunistic | required | verify
 //! ca_file = "/etc/ssl/certs/ca-certificates.crt"
-//! workers = 100                         # connections in all
-//! max_per_destination = 20              # connections per destination domain
+//! max_connections = 100                 # SMTP connections in all
+//! max_per_destination = 20              # SMTP connections per destination domain
+//! workers = 16                          # delivery threads (each drives many connections)
 //!
 //! [smarthost]                           # takes all mail not routed otherwise
 //! host = "smtp.provider.example"        # or hosts = ["a", "b"]
@@ -82,6 +83,7 @@ struct File {
     mx_tls: Option<String>,
     ca_file: Option<PathBuf>,
     workers: Option<usize>,
+    max_connections: Option<usize>,
     max_per_destination: Option<usize>,
     smtp_port: Option<u16>,
     smarthost: Option<Hop>,
@@ -238,6 +240,9 @@ pub fn apply(path: &Path, settings: &mut Settings) -> Result<(), ConfigError> {
     }
     if let Some(v) = file.workers {
         settings.workers = v.max(1);
+    }
+    if let Some(v) = file.max_connections {
+        settings.max_connections = v.max(1);
     }
     if let Some(v) = file.max_per_destination {
         settings.max_per_destination = v.max(1);

@@ -1,13 +1,22 @@
-//! The delivery stage (Postfix's qmgr and smtp): one attempt for the pending
-//! recipients of a queued message, and the bookkeeping of its report.
+//! The delivery stage (Postfix's smtp): one attempt for the pending
+//! recipients of each message of a batch, and the bookkeeping of its report.
 //!
 //! The component decides what each reply means, when to retry, and which
 //! DSNs the sender gets; the host stores the outcome, queues the DSNs as new
 //! messages from the null sender, and keeps a Badmail copy of every message
 //! with permanently failed recipients. A recipient that was delivered is
 //! never offered again.
+//!
+//! A message fresh from pickup is delivered from memory: it is written to
+//! the queue only when some recipient is still pending after the attempt,
+//! and its claimed pickup file is removed only once it is delivered or
+//! written. Most mail is delivered at the first attempt and never touches
+//! the queue files; nothing is lost in between, since the claimed file
+//! stays until then.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::badmail::{self, FailedRecipient, Reason};
@@ -15,6 +24,7 @@ use crate::clock::Clock;
 use crate::logging;
 use crate::mailroot::Folder;
 use crate::mailroot::Mailroot;
+use crate::qmgr::{ActiveQueue, Admission, Fresh, Lane, Message};
 use crate::queue::Queue;
 use crate::queue::{self, Control, Recipient, State};
 use crate::relay::Relay;
@@ -27,10 +37,8 @@ use crate::runtime::bindings::mailroot::relay::types::{
 const COMPONENT_FAILURE_DELAY: Duration = Duration::from_secs(60);
 
 /// What one attempt did to a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
-    /// Not due yet.
-    NotDue,
     /// Every recipient delivered; the message left the queue.
     Delivered,
     /// Every recipient is final and some failed.
@@ -47,7 +55,8 @@ pub fn is_due(control: &Control, now_ms: u64) -> bool {
 }
 
 /// The scheduling key of a message: the domain of its first pending
-/// recipient. The per-destination connection limit counts messages by it.
+/// recipient. The connection limits count lanes by it; where the mail of
+/// each domain really goes is the component's decision.
 pub fn destination(control: &Control) -> String {
     control
         .recipients
@@ -58,131 +67,217 @@ pub fn destination(control: &Control) -> String {
         .unwrap_or_default()
 }
 
-/// Attempt a batch of due messages (for one destination) in one component
-/// call, so that they share connections. Returns, per message, the attempt
-/// and the queue ids of the DSNs it queued.
-pub fn attempt_batch(relay: &Relay, controls: Vec<Control>) -> Vec<(Attempt, Vec<String>)> {
-    let mut results = Vec::with_capacity(controls.len());
-    let mut batch = Vec::with_capacity(controls.len());
-    for control in controls {
-        if control.pending().is_empty() {
-            // Every recipient was final already (a crash after the last attempt).
-            results.push((finish(&relay.spool(), &control), Vec::new()));
-            continue;
-        }
-        batch.push(control);
-    }
-    if batch.is_empty() {
-        return results;
-    }
-    let messages: Vec<QueuedMessage> = batch
-        .iter()
-        .map(|c| QueuedMessage {
-            file: queue::message_file(&c.queue_id),
-            sender: c.sender.clone(),
-            recipients: c.pending(),
-            state: QueueState {
-                queue_id: c.queue_id.clone(),
-                attempts: c.attempts,
-                arrival_ms: c.first_seen_ms,
-                delay_notice_sent: c.delay_notice_sent,
-            },
-        })
-        .collect();
-    let recorder = Recorder::new(
-        relay.spool(),
-        batch
-            .iter()
-            .zip(&messages)
-            .map(|(c, m)| (c.clone(), m.recipients.clone()))
-            .collect(),
-    );
-    let (recorder, outcome) = relay.runtime.deliver(&messages, &relay.options, recorder);
-    let now_ms = relay.clock.now_ms();
-    for (mut control, recorded) in batch.into_iter().zip(recorder.results) {
-        match (recorded, &outcome) {
-            (Some(result), _) => results.push(result),
-            (None, Err(e)) => results.push((
-                component_failed(relay, &mut control, &e.to_string(), now_ms),
-                Vec::new(),
-            )),
-            (None, Ok(())) => {
-                let error = "the component returned without reporting this message";
-                results.push((
-                    component_failed(relay, &mut control, error, now_ms),
-                    Vec::new(),
-                ));
-            }
-        }
-    }
-    results
-}
-
 /// The queue, the folders and the clock: what recording an attempt needs.
 #[derive(Clone)]
 pub struct Spool {
     pub queue: Queue,
     pub mailroot: Mailroot,
     pub clock: Arc<dyn Clock>,
+    /// Component failures on one message before it goes to Badmail.
+    pub max_component_failures: u32,
+    /// The earliest next attempt of the messages deferred since the queue
+    /// was last scanned (`u64::MAX`: none), so the scan knows when to look.
+    pub next_due_ms: Arc<AtomicU64>,
+}
+
+/// Attempt the lanes of a batch in one component call, so that each lane's
+/// messages share a connection and the lanes run concurrently. Returns the
+/// attempt of every message; lanes are released to `active` as their last
+/// message is recorded, and DSNs are queued into it.
+pub fn attempt_batch(relay: &Relay, active: &Arc<ActiveQueue>, lanes: Vec<Lane>) -> Vec<Attempt> {
+    let spool = relay.spool();
+    let mut attempts = Vec::new();
+    let mut entries = Vec::new();
+    let mut lane_states = Vec::with_capacity(lanes.len());
+    for (lane_index, lane) in lanes.into_iter().enumerate() {
+        let ids = lane
+            .messages
+            .iter()
+            .map(|m| m.control.queue_id.clone())
+            .collect();
+        let mut left = 0;
+        for message in lane.messages {
+            if message.control.pending().is_empty() {
+                // Every recipient was final already (a crash after the last attempt).
+                attempts.push(finish(&spool, &message.control, message.fresh.as_ref()));
+                continue;
+            }
+            left += 1;
+            let pending = message.control.pending();
+            entries.push(Some(Entry {
+                message,
+                pending,
+                lane: lane_index,
+            }));
+        }
+        lane_states.push(LaneState {
+            destination: lane.destination,
+            ids,
+            left,
+        });
+    }
+    let mut recorder = Recorder {
+        spool,
+        active: active.clone(),
+        entries,
+        lanes: lane_states,
+        attempts: Vec::new(),
+    };
+    for index in 0..recorder.lanes.len() {
+        recorder.release_if_done(index);
+    }
+    if recorder.entries.is_empty() {
+        attempts.extend(recorder.attempts);
+        return attempts;
+    }
+    let messages: Vec<QueuedMessage> = recorder
+        .entries
+        .iter()
+        .flatten()
+        .map(|e| {
+            let c = &e.message.control;
+            QueuedMessage {
+                file: queue::message_file(&c.queue_id),
+                sender: c.sender.clone(),
+                recipients: e.pending.clone(),
+                state: QueueState {
+                    queue_id: c.queue_id.clone(),
+                    attempts: c.attempts,
+                    arrival_ms: c.first_seen_ms,
+                    delay_notice_sent: c.delay_notice_sent,
+                },
+            }
+        })
+        .collect();
+    // Fresh messages are read from memory, as if they were in the queue.
+    let staged: HashMap<String, Arc<[u8]>> = recorder
+        .entries
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let fresh = e.message.fresh.as_ref()?;
+            Some((
+                queue::message_file(&e.message.control.queue_id),
+                fresh.message.clone(),
+            ))
+        })
+        .collect();
+    let batch_id = messages
+        .first()
+        .map(|m| m.state.queue_id.clone())
+        .unwrap_or_default();
+    let marked = relay.queue.mark_in_flight(
+        &batch_id,
+        messages.iter().map(|m| m.state.queue_id.as_str()),
+    );
+    if let Err(e) = marked {
+        logging::warn(&format!(
+            "{batch_id}: cannot mark the attempt in flight: {e}"
+        ));
+    }
+    let (mut recorder, outcome) =
+        relay
+            .runtime
+            .deliver(&messages, &relay.options, recorder, staged);
+    let now_ms = relay.clock.now_ms();
+    // Whatever the component did not report on failed with it.
+    let error = match &outcome {
+        Err(e) => e.to_string(),
+        Ok(()) => "the component returned without reporting this message".to_string(),
+    };
+    for index in 0..recorder.entries.len() {
+        let Some(entry) = recorder.entries.get_mut(index).and_then(Option::take) else {
+            continue;
+        };
+        let attempt = component_failed(&recorder.spool, entry.message, &error, now_ms);
+        recorder.finished(entry.lane, attempt);
+    }
+    let _ = relay.queue.clear_in_flight(&batch_id);
+    attempts.extend(recorder.attempts);
+    attempts
+}
+
+/// A message of a batch, until its report is recorded.
+struct Entry {
+    message: Message,
+    /// The recipients offered in this attempt.
+    pending: Vec<String>,
+    /// Its lane in the batch.
+    lane: usize,
+}
+
+struct LaneState {
+    destination: String,
+    ids: Vec<String>,
+    /// Messages not yet recorded.
+    left: usize,
 }
 
 /// Stores each report of a `deliver` call as the component hands it over
-/// (`queue.record-attempt`), while the call goes on.
+/// (`queue.record-attempt`), while the call goes on, and frees each lane's
+/// connection in the active queue once its last message is recorded.
 pub struct Recorder {
     spool: Spool,
-    batch: Vec<Option<(Control, Vec<String>)>>,
-    results: Vec<Option<(Attempt, Vec<String>)>>,
+    active: Arc<ActiveQueue>,
+    /// By the index the component knows each message by.
+    entries: Vec<Option<Entry>>,
+    lanes: Vec<LaneState>,
+    attempts: Vec<Attempt>,
 }
 
 impl Recorder {
-    /// For a batch of messages and the recipients offered for each.
-    pub fn new(spool: Spool, batch: Vec<(Control, Vec<String>)>) -> Self {
-        let results = batch.iter().map(|_| None).collect();
-        let recorder = Recorder {
-            spool,
-            batch: batch.into_iter().map(Some).collect(),
-            results,
-        };
-        recorder.mark_all_in_flight();
-        recorder
-    }
-
-    /// The component delivers the domains of a batch concurrently, so any
-    /// message of it may be in flight: mark them all.
-    fn mark_all_in_flight(&self) {
-        for (control, _) in self.batch.iter().flatten() {
-            if let Err(e) = self.spool.queue.mark_in_flight(&control.queue_id) {
-                logging::warn(&format!(
-                    "{}: cannot mark the attempt in flight: {e}",
-                    control.queue_id
-                ));
-            }
-        }
-    }
-
     /// Store the report for message `index`; a second report for the same
     /// message, or one for no message, is ignored.
     pub fn record(&mut self, index: u32, report: DeliveryReport) {
         let index = index as usize;
-        let Some((control, pending)) = self.batch.get_mut(index).and_then(Option::take) else {
+        let Some(entry) = self.entries.get_mut(index).and_then(Option::take) else {
             logging::warn(&format!(
                 "the component reported on message {index}, which it was not given or already reported"
             ));
             return;
         };
-        if let Some(slot) = self.results.get_mut(index) {
-            *slot = Some(apply_report(&self.spool, control, &pending, report));
+        let (attempt, notices) = apply_report(&self.spool, entry.message, &entry.pending, report);
+        for notice in notices {
+            let destination = destination(&notice);
+            let message = Message {
+                control: notice,
+                fresh: None,
+            };
+            self.active.push(destination, message, Admission::Notice);
+        }
+        self.finished(entry.lane, attempt);
+    }
+
+    fn finished(&mut self, lane: usize, attempt: Attempt) {
+        self.attempts.push(attempt);
+        if let Some(state) = self.lanes.get_mut(lane) {
+            state.left = state.left.saturating_sub(1);
+        }
+        self.release_if_done(lane);
+    }
+
+    fn release_if_done(&mut self, lane: usize) {
+        if let Some(state) = self.lanes.get_mut(lane)
+            && state.left == 0
+        {
+            let ids = std::mem::take(&mut state.ids);
+            self.active
+                .lane_done(&state.destination, ids.iter().map(String::as_str));
+            // Never released twice.
+            state.left = usize::MAX;
         }
     }
 }
 
-/// Record what one attempt did to one message.
+/// Record what one attempt did to one message; returns the attempt and the
+/// control records of the DSNs it queued.
 fn apply_report(
     spool: &Spool,
-    mut control: Control,
+    message: Message,
     pending: &[String],
     report: DeliveryReport,
-) -> (Attempt, Vec<String>) {
+) -> (Attempt, Vec<Control>) {
+    let Message { mut control, fresh } = message;
     let now_ms = spool.clock.now_ms();
     for outcome in report.outcomes {
         // Only recipients that were offered can change: a broken component
@@ -214,7 +309,7 @@ fn apply_report(
     control.delay_notice_sent |= report.delay_notice_sent;
     // DSNs and the Badmail copy come before the control update: a crash in
     // between repeats them, never loses them.
-    let notices: Vec<String> = report
+    let notices: Vec<Control> = report
         .notices
         .into_iter()
         .filter_map(|notice| {
@@ -227,17 +322,16 @@ fn apply_report(
         })
         .collect();
     if let Some(reason) = report.badmail {
-        copy_failed_to_badmail(spool, &control, reason, pending, now_ms);
+        copy_failed_to_badmail(spool, &control, fresh.as_ref(), reason, pending, now_ms);
     }
     let attempt = if control.pending().is_empty() {
-        finish(spool, &control)
+        finish(spool, &control, fresh.as_ref())
     } else {
         let fallback = now_ms.saturating_add(duration_ms(COMPONENT_FAILURE_DELAY));
         control.next_attempt_ms = report.next_attempt_ms.unwrap_or(fallback);
         log_deferred(&control);
-        write_control(spool, &control, Attempt::Deferred)
+        keep_queued(spool, &control, fresh.as_ref())
     };
-    let _ = spool.queue.clear_in_flight(&control.queue_id);
     (attempt, notices)
 }
 
@@ -245,12 +339,26 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn write_control(spool: &Spool, control: &Control, success: Attempt) -> Attempt {
-    match spool.queue.write_control(control) {
-        Ok(()) => success,
+/// Store the control record of a message that stays queued. A fresh one is
+/// written to the queue whole, and only then is its claimed file removed.
+fn keep_queued(spool: &Spool, control: &Control, fresh: Option<&Fresh>) -> Attempt {
+    let written = match fresh {
+        Some(fresh) => spool
+            .queue
+            .commit(control, &fresh.message)
+            .and_then(|()| spool.queue.remove_claimed(&fresh.claimed)),
+        None => spool.queue.write_control(control),
+    };
+    match written {
+        Ok(()) => {
+            spool
+                .next_due_ms
+                .fetch_min(control.next_attempt_ms, Ordering::Relaxed);
+            Attempt::Deferred
+        }
         Err(e) => {
             logging::error(&format!(
-                "{}: cannot update the control file: {e}",
+                "{}: cannot update the queue files: {e}",
                 control.queue_id
             ));
             Attempt::Error
@@ -274,12 +382,22 @@ fn log_deferred(control: &Control) {
 }
 
 /// The component trapped or ran out of CPU: try later, and after repeated
-/// failures move the message to Badmail.
-fn component_failed(relay: &Relay, control: &mut Control, error: &str, now_ms: u64) -> Attempt {
+/// failures move the message to Badmail. A fresh message is written to the
+/// queue first, so that it is kept like any other.
+fn component_failed(spool: &Spool, message: Message, error: &str, now_ms: u64) -> Attempt {
+    let Message { mut control, fresh } = message;
     let id = control.queue_id.clone();
     logging::error(&format!("{id}: {error}; the message stays queued"));
-    let _ = relay.queue.clear_in_flight(&id);
-    if relay.component_failed(&id) {
+    let count = match spool.queue.record_component_failure(&id) {
+        Ok(count) => count,
+        Err(e) => {
+            // A count that cannot be stored never gives up: the message
+            // stays queued rather than be judged on a guess.
+            logging::error(&format!("{id}: cannot record the component failure: {e}"));
+            0
+        }
+    };
+    if count >= spool.max_component_failures {
         let reason = Reason::new(
             &control.original_name,
             Some(&id),
@@ -287,13 +405,19 @@ fn component_failed(relay: &Relay, control: &mut Control, error: &str, now_ms: u
             format!("the relay component failed on this message repeatedly: {error}"),
             now_ms,
         );
-        return match badmail::move_to_badmail(
-            &relay.mailroot,
-            Folder::Queue,
-            &queue::message_file(&id),
-            &reason,
-        ) {
-            Ok(_) => finish(&relay.spool(), control),
+        // A fresh message still has its original: that goes to Badmail.
+        let file = match &fresh {
+            Some(fresh) => fresh.claimed.clone(),
+            None => queue::message_file(&id),
+        };
+        return match badmail::move_to_badmail(&spool.mailroot, Folder::Queue, &file, &reason) {
+            Ok(_) => match fresh {
+                Some(_) => {
+                    let _ = spool.queue.clear_component_failures(&id);
+                    Attempt::Failed
+                }
+                None => finish(spool, &control, None),
+            },
             Err(e) => {
                 logging::error(&format!("{id}: cannot move to Badmail: {e}"));
                 Attempt::Error
@@ -301,13 +425,21 @@ fn component_failed(relay: &Relay, control: &mut Control, error: &str, now_ms: u
         };
     }
     control.next_attempt_ms = now_ms.saturating_add(duration_ms(COMPONENT_FAILURE_DELAY));
-    write_control(&relay.spool(), control, Attempt::Deferred)
+    keep_queued(spool, &control, fresh.as_ref())
 }
 
-/// Every recipient is final: the message leaves the queue.
-fn finish(spool: &Spool, control: &Control) -> Attempt {
+/// Every recipient is final: the message leaves the queue (a fresh one,
+/// never written to it, only leaves its claimed file).
+fn finish(spool: &Spool, control: &Control, fresh: Option<&Fresh>) -> Attempt {
     let failed = control.recipients.iter().any(|r| r.state == State::Failed);
-    if let Err(e) = spool.queue.remove(&control.queue_id) {
+    let removed = match fresh {
+        Some(fresh) => spool
+            .queue
+            .remove_claimed(&fresh.claimed)
+            .and_then(|()| spool.queue.clear_component_failures(&control.queue_id)),
+        None => spool.queue.remove(&control.queue_id),
+    };
+    if let Err(e) = removed {
         logging::error(&format!(
             "{}: cannot remove the queue files: {e}",
             control.queue_id
@@ -322,8 +454,8 @@ fn finish(spool: &Spool, control: &Control) -> Attempt {
     }
 }
 
-/// Queue a DSN from the null sender to `to`; returns its queue id.
-pub(crate) fn queue_notice(spool: &Spool, about: &str, to: &str, dsn: &[u8]) -> Option<String> {
+/// Queue a DSN from the null sender to `to`; returns its control record.
+pub(crate) fn queue_notice(spool: &Spool, about: &str, to: &str, dsn: &[u8]) -> Option<Control> {
     let now_ms = spool.clock.now_ms();
     let queue_id = queue::new_queue_id(now_ms);
     let control = Control {
@@ -341,6 +473,7 @@ pub(crate) fn queue_notice(spool: &Spool, about: &str, to: &str, dsn: &[u8]) -> 
         first_seen_ms: now_ms,
         next_attempt_ms: now_ms,
         delay_notice_sent: false,
+        size: dsn.len() as u64,
     };
     match spool.queue.commit(&control, dsn) {
         Ok(()) => {
@@ -348,7 +481,7 @@ pub(crate) fn queue_notice(spool: &Spool, about: &str, to: &str, dsn: &[u8]) -> 
                 "{queue_id}: from=<> to=<{to}> size={} (delivery status notification for {about})",
                 dsn.len()
             ));
-            Some(queue_id)
+            Some(control)
         }
         Err(e) => {
             logging::error(&format!("cannot queue the DSN for {about} to <{to}>: {e}"));
@@ -363,6 +496,7 @@ pub(crate) fn queue_notice(spool: &Spool, about: &str, to: &str, dsn: &[u8]) -> 
 fn copy_failed_to_badmail(
     spool: &Spool,
     control: &Control,
+    fresh: Option<&Fresh>,
     reason_text: String,
     offered: &[String],
     now_ms: u64,
@@ -390,12 +524,14 @@ fn copy_failed_to_badmail(
             remote_mta: r.remote_mta.clone(),
         })
         .collect();
-    let message = spool
-        .mailroot
-        .read(Folder::Queue, &queue::message_file(id), u64::MAX);
-    let copied = message
-        .map_err(std::io::Error::other)
-        .and_then(|m| badmail::copy_to_badmail(&spool.mailroot, &m, &reason));
+    let copied = match fresh {
+        Some(fresh) => badmail::copy_to_badmail(&spool.mailroot, &fresh.message, &reason),
+        None => spool
+            .mailroot
+            .read(Folder::Queue, &queue::message_file(id), u64::MAX)
+            .map_err(std::io::Error::other)
+            .and_then(|m| badmail::copy_to_badmail(&spool.mailroot, &m, &reason)),
+    };
     match copied {
         Ok(path) => logging::warn(&format!(
             "{id}: {} (copy in {})",

@@ -6,9 +6,10 @@
 //! module, and owns scheduling, the durable queue and the command line:
 //!
 //! - [`pickup`]: claim files from Pickup and have the component accept them;
+//! - [`qmgr`]: the active queue, and the batches it hands to delivery;
 //! - [`delivery`]: one delivery attempt per due message, and its bookkeeping;
 //! - [`queue`] and [`badmail`]: the on-disk state;
-//! - [`relay`]: the passes and workers around those stages;
+//! - [`relay`]: the pipeline of workers around those stages;
 //! - [`runtime`]: wasmtime, limits, and the call into the component;
 //! - [`plugin`]: load the `plugin` world with nothing but WASI, as other mail
 //!   servers would.
@@ -27,6 +28,7 @@ pub mod logging;
 pub mod mailroot;
 pub mod pickup;
 pub mod plugin;
+pub mod qmgr;
 pub mod queue;
 pub mod relay;
 pub mod runtime;

@@ -50,6 +50,53 @@ pub struct Entry {
     pub modified_ms: u64,
 }
 
+/// A folder being listed (see [`Mailroot::list`]).
+#[derive(Debug)]
+pub struct Listing {
+    dir: fs::ReadDir,
+}
+
+impl Listing {
+    /// The next regular files, at most `max`, without hidden and `.tmp`
+    /// files, oldest first within the slice; empty at the end. Files
+    /// renamed away meanwhile may still be listed, and files added may be
+    /// missed (readdir(3)); a later listing finds those.
+    pub fn next_slice(&mut self, max: usize) -> io::Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        while entries.len() < max {
+            let Some(dirent) = self.dir.next() else {
+                break;
+            };
+            let dirent = dirent?;
+            let Ok(name) = dirent.file_name().into_string() else {
+                continue;
+            };
+            if is_ignored(&name) {
+                continue;
+            }
+            // `DirEntry::metadata` does not follow symbolic links.
+            let Ok(meta) = dirent.metadata() else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified_ms = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            entries.push(Entry {
+                name,
+                size: meta.len(),
+                modified_ms,
+            });
+        }
+        entries.sort_by(|a, b| (a.modified_ms, &a.name).cmp(&(b.modified_ms, &b.name)));
+        Ok(entries)
+    }
+}
+
 /// Why a folder operation failed.
 #[derive(Debug)]
 pub enum FolderError {
@@ -143,37 +190,28 @@ impl Mailroot {
         Ok(self.dir(folder).join(name))
     }
 
-    /// The regular files of `folder`, without hidden and `.tmp` files.
+    /// The regular files of `folder`, without hidden and `.tmp` files,
+    /// oldest first.
     pub fn scan(&self, folder: Folder) -> io::Result<Vec<Entry>> {
         let mut entries = Vec::new();
-        for dirent in fs::read_dir(self.dir(folder))? {
-            let dirent = dirent?;
-            let Ok(name) = dirent.file_name().into_string() else {
-                continue;
-            };
-            if is_ignored(&name) {
-                continue;
+        let mut listing = self.list(folder)?;
+        loop {
+            let slice = listing.next_slice(usize::MAX)?;
+            if slice.is_empty() {
+                break;
             }
-            // `DirEntry::metadata` does not follow symbolic links.
-            let Ok(meta) = dirent.metadata() else {
-                continue;
-            };
-            if !meta.is_file() {
-                continue;
-            }
-            let modified_ms = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            entries.push(Entry {
-                name,
-                size: meta.len(),
-                modified_ms,
-            });
+            entries.extend(slice);
         }
         entries.sort_by(|a, b| (a.modified_ms, &a.name).cmp(&(b.modified_ms, &b.name)));
         Ok(entries)
+    }
+
+    /// A listing of `folder` read a slice at a time, for folders too large
+    /// to hold in memory whole.
+    pub fn list(&self, folder: Folder) -> io::Result<Listing> {
+        Ok(Listing {
+            dir: fs::read_dir(self.dir(folder))?,
+        })
     }
 
     /// Open `name` in `folder` for reading, never through a symbolic link.
@@ -267,6 +305,9 @@ impl folders::Host for HostState {
         folder: folders::Folder,
         name: String,
     ) -> Result<Vec<u8>, folders::FolderError> {
+        if let (folders::Folder::Queue, Some(staged)) = (folder, self.staged.get(&name)) {
+            return Ok(staged.to_vec());
+        }
         self.blocking(|state| {
             Ok(state
                 .mailroot
@@ -281,6 +322,10 @@ impl folders::Host for HostState {
         max_bytes: u64,
     ) -> Result<Vec<u8>, folders::FolderError> {
         let max_bytes = max_bytes.min(self.max_read_bytes);
+        if let (folders::Folder::Queue, Some(staged)) = (folder, self.staged.get(&name)) {
+            let head = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+            return Ok(staged.get(..head).unwrap_or(staged).to_vec());
+        }
         self.blocking(|state| {
             Ok(state
                 .mailroot

@@ -1,23 +1,44 @@
 //! The pickup stage: claim finished files from Pickup by an atomic rename
 //! into the queue, then let the component accept them (Postfix's pickup and
-//! cleanup).
+//! cleanup), and hand the accepted messages to the active queue.
 //!
 //! A file is left alone while it is still being written: when it changed
 //! within the settle time, or when another process holds it open for
 //! writing (detected with a Linux read lease, which the kernel refuses while
 //! any writer has the file open). Writers that write then rename, or use
 //! hidden or `.tmp` names meanwhile, never race with the relay.
+//!
+//! Pickup is read a slice at a time and claimed a chunk at a time, and the
+//! active queue makes the stage wait when it is full, so memory stays flat
+//! whatever the backlog: 100,000 files are listed once, not held.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::badmail::{self, Reason};
+use crate::delivery;
 use crate::logging;
-use crate::mailroot::{Entry, Folder};
-use crate::queue::{self, Control, Recipient, State, new_queue_id, sync_dir};
+use crate::mailroot::{Entry, Folder, Listing};
+use crate::qmgr::{ActiveQueue, Admission, Fresh, Message};
+use crate::queue::{self, Control, Recipient, State, new_queue_id};
 use crate::relay::Relay;
+
+/// Files claimed and accepted together: one component call, and for the
+/// messages written to the queue, one filesystem sync.
+const CHUNK_FILES: usize = 64;
+/// Bytes claimed together at most (beyond the first file).
+const CHUNK_BYTES: u64 = 32 << 20;
+/// Files read from the Pickup listing at a time.
+const LISTING_SLICE: usize = 1024;
+/// Messages up to this size are held in memory until delivered (the
+/// active queue bounds how many); larger ones are written to the queue first.
+const FRESH_MAX_BYTES: usize = 1 << 20;
 
 /// A pickup file moved into the queue, not yet accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +62,322 @@ impl Claimed {
     }
 }
 
+/// What became of a claimed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    /// Accepted: in the active queue, or committed to the queue.
+    Queued,
+    /// Refused: now in Badmail.
+    Rejected,
+    /// Left in place for a later try.
+    Retry,
+}
+
+/// The pickup stage of one run: where its work comes from.
+pub struct Pickup<'a> {
+    relay: &'a Relay,
+    active: Arc<ActiveQueue>,
+    /// In serve mode, Pickup is listed again once a listing is done.
+    repeat: bool,
+    source: Mutex<Source>,
+}
+
+/// Work not yet taken by an accept worker.
+struct Source {
+    /// Claimed files found in the Queue folder: crash leftovers, and files
+    /// an earlier try could not accept.
+    leftovers: VecDeque<Claimed>,
+    /// The listing of Pickup being worked through.
+    listing: Option<Listing>,
+    /// Entries read from the listing, not yet claimed.
+    entries: VecDeque<Entry>,
+    /// When the last listing ended (serve mode lists again a poll later).
+    listed: Option<Instant>,
+}
+
+/// A chunk of work for one accept call.
+enum Work {
+    Leftovers(Vec<Claimed>),
+    Entries(Vec<Entry>),
+}
+
+impl<'a> Pickup<'a> {
+    pub fn new(relay: &'a Relay, active: Arc<ActiveQueue>, repeat: bool) -> Self {
+        Pickup {
+            relay,
+            active,
+            repeat,
+            source: Mutex::new(Source {
+                leftovers: VecDeque::new(),
+                listing: None,
+                entries: VecDeque::new(),
+                listed: None,
+            }),
+        }
+    }
+
+    fn source(&self) -> std::sync::MutexGuard<'_, Source> {
+        self.source
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Take over a claimed file of the Queue folder unless it is already
+    /// being worked on; true when taken.
+    pub fn add_leftover(&self, file: &str) -> bool {
+        let Some(claimed) = Claimed::from_queue_name(file) else {
+            return false;
+        };
+        if !self.active.reserve(&claimed.queue_id) {
+            return false;
+        }
+        self.source().leftovers.push_back(claimed);
+        true
+    }
+
+    /// Accept work until there is none (once), or until `stop` (serve).
+    /// Returns what became of each file.
+    pub fn run(&self, stop: &AtomicBool) -> Counts {
+        let mut counts = Counts::default();
+        while !stop.load(Ordering::Relaxed) {
+            match self.next_work() {
+                Some(Work::Leftovers(claimed)) => {
+                    counts.add(&self.accept(&claimed));
+                }
+                Some(Work::Entries(entries)) => {
+                    let claimed = self.claim(&entries);
+                    counts.claimed += claimed.len();
+                    counts.add(&self.accept(&claimed));
+                }
+                None if self.repeat => sleep_unless(stop, self.relay.settings.poll_interval),
+                None => break,
+            }
+        }
+        counts
+    }
+
+    /// The next chunk: leftovers first, then Pickup.
+    fn next_work(&self) -> Option<Work> {
+        let mut source = self.source();
+        if !source.leftovers.is_empty() {
+            let mut chunk = Vec::new();
+            while chunk.len() < CHUNK_FILES {
+                let Some(claimed) = source.leftovers.pop_front() else {
+                    break;
+                };
+                chunk.push(claimed);
+            }
+            return Some(Work::Leftovers(chunk));
+        }
+        if source.entries.is_empty() {
+            self.refill(&mut source);
+        }
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while chunk.len() < CHUNK_FILES {
+            let Some(entry) = source.entries.front() else {
+                break;
+            };
+            if !chunk.is_empty() && bytes + entry.size > CHUNK_BYTES {
+                break;
+            }
+            bytes += entry.size;
+            if let Some(entry) = source.entries.pop_front() {
+                chunk.push(entry);
+            }
+        }
+        (!chunk.is_empty()).then_some(Work::Entries(chunk))
+    }
+
+    /// Read the next settled files of the Pickup listing, starting a new
+    /// listing when none is open (once per run, or a poll after the last).
+    fn refill(&self, source: &mut Source) {
+        let relay = self.relay;
+        let now_ms = relay.clock.now_ms();
+        let settle_ms = u64::try_from(relay.settings.settle_time.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            if source.listing.is_none() {
+                let again = match source.listed {
+                    None => true,
+                    Some(ended) => self.repeat && ended.elapsed() >= relay.settings.poll_interval,
+                };
+                if !again {
+                    return;
+                }
+                match relay.mailroot.list(Folder::Pickup) {
+                    Ok(listing) => source.listing = Some(listing),
+                    Err(e) => {
+                        logging::error(&format!("cannot scan Pickup: {e}"));
+                        source.listed = Some(Instant::now());
+                        return;
+                    }
+                }
+            }
+            let Some(listing) = source.listing.as_mut() else {
+                return;
+            };
+            let slice = match listing.next_slice(LISTING_SLICE) {
+                Ok(slice) => slice,
+                Err(e) => {
+                    logging::error(&format!("cannot scan Pickup: {e}"));
+                    Vec::new()
+                }
+            };
+            if slice.is_empty() {
+                source.listing = None;
+                source.listed = Some(Instant::now());
+                return;
+            }
+            source.entries.extend(
+                slice
+                    .into_iter()
+                    .filter(|e| e.modified_ms.saturating_add(settle_ms) <= now_ms),
+            );
+            if !source.entries.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Claim the files of `entries` that are finished.
+    fn claim(&self, entries: &[Entry]) -> Vec<Claimed> {
+        let now_ms = self.relay.clock.now_ms();
+        entries
+            .iter()
+            .filter_map(|entry| match claim_pickup_file(self.relay, entry, now_ms) {
+                Ok(Some(claimed)) => {
+                    // A fresh queue id is never taken; the reservation keeps
+                    // the queue scan away from the claimed file.
+                    self.active.reserve(&claimed.queue_id);
+                    Some(claimed)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    logging::warn(&format!("cannot claim Pickup/{}: {e}", entry.name));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Accept a chunk of claimed files. Small messages go to the active
+    /// queue in memory; large ones are written to the queue together (one
+    /// filesystem sync, as databases commit groups) and then queued.
+    fn accept(&self, chunk: &[Claimed]) -> Vec<Acceptance> {
+        let relay = self.relay;
+        let mut results = Vec::with_capacity(chunk.len());
+        let mut fresh = Vec::new();
+        let mut written = Vec::new();
+        for claimed in chunk {
+            match prepare(relay, &self.active, claimed) {
+                Prepared::Done(acceptance) => {
+                    self.active.release(&claimed.queue_id);
+                    results.push(acceptance);
+                }
+                Prepared::Committed(control) => {
+                    if delivery::is_due(&control, relay.clock.now_ms()) {
+                        let size = usize::try_from(control.size).unwrap_or(usize::MAX);
+                        self.queue(control, size, None);
+                    } else {
+                        self.active.release(&claimed.queue_id);
+                    }
+                    results.push(Acceptance::Queued);
+                }
+                Prepared::Ready(control, message) if message.len() <= FRESH_MAX_BYTES => {
+                    fresh.push((claimed, control, message))
+                }
+                Prepared::Ready(control, message) => written.push((claimed, control, message)),
+            }
+        }
+        if !written.is_empty() {
+            let entries: Vec<(&Control, &[u8])> = written
+                .iter()
+                .map(|(_, control, message)| (control, message.as_slice()))
+                .collect();
+            match relay.queue.commit_batch(&entries) {
+                Ok(()) => {
+                    for (claimed, control, message) in written {
+                        if let Err(e) = relay.queue.remove_claimed(&claimed.file) {
+                            logging::warn(&format!(
+                                "{}: committed, but {} is left behind: {e}",
+                                control.queue_id, claimed.file
+                            ));
+                        }
+                        self.queue(control, message.len(), None);
+                        results.push(Acceptance::Queued);
+                    }
+                }
+                Err(e) => {
+                    logging::error(&format!(
+                        "cannot write the queue files of {} messages: {e}; will try again",
+                        written.len()
+                    ));
+                    for (claimed, _, _) in written {
+                        self.active.release(&claimed.queue_id);
+                        results.push(Acceptance::Retry);
+                    }
+                }
+            }
+        }
+        for (claimed, control, message) in fresh {
+            let size = message.len();
+            let fresh = Fresh {
+                claimed: claimed.file.clone(),
+                message: message.into(),
+            };
+            self.queue(control, size, Some(fresh));
+            results.push(Acceptance::Queued);
+        }
+        results
+    }
+
+    fn queue(&self, control: Control, size: usize, fresh: Option<Fresh>) {
+        let id = &control.queue_id;
+        logging::info(&format!(
+            "{id}: from=<{}> nrcpt={} size={size}",
+            control.sender,
+            control.recipients.len(),
+        ));
+        let _ = self.relay.queue.clear_component_failures(id);
+        let destination = delivery::destination(&control);
+        self.active
+            .push(destination, Message { control, fresh }, Admission::Reserved);
+    }
+}
+
+/// What a run of the pickup stage did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub claimed: usize,
+    pub queued: usize,
+    pub rejected: usize,
+    pub retry: usize,
+}
+
+impl Counts {
+    fn add(&mut self, results: &[Acceptance]) {
+        for result in results {
+            match result {
+                Acceptance::Queued => self.queued += 1,
+                Acceptance::Rejected => self.rejected += 1,
+                Acceptance::Retry => self.retry += 1,
+            }
+        }
+    }
+}
+
+/// Sleep for `time`, waking early when `stop` is set.
+pub(crate) fn sleep_unless(stop: &AtomicBool, time: Duration) {
+    let until = Instant::now() + time;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
 /// True when some process has `file` open for writing. Filesystems without
 /// lease support answer as if nobody had: the settle time still applies.
 fn open_for_writing_elsewhere(file: &File) -> bool {
@@ -54,30 +391,9 @@ fn open_for_writing_elsewhere(file: &File) -> bool {
     io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
 }
 
-/// Claim every finished file in Pickup.
-pub fn claim_pickup_files(relay: &Relay) -> io::Result<Vec<Claimed>> {
-    let mailroot = &relay.mailroot;
-    let now_ms = relay.clock.now_ms();
-    let settle_ms = u64::try_from(relay.settings.settle_time.as_millis()).unwrap_or(u64::MAX);
-    let mut claimed = Vec::new();
-    for entry in mailroot.scan(Folder::Pickup)? {
-        if entry.modified_ms.saturating_add(settle_ms) > now_ms {
-            continue;
-        }
-        match claim_one(relay, &entry, now_ms) {
-            Ok(Some(c)) => claimed.push(c),
-            Ok(None) => {}
-            Err(e) => logging::warn(&format!("cannot claim Pickup/{}: {e}", entry.name)),
-        }
-    }
-    if !claimed.is_empty() {
-        sync_dir(&mailroot.dir(Folder::Queue))?;
-        sync_dir(&mailroot.dir(Folder::Pickup))?;
-    }
-    Ok(claimed)
-}
-
-fn claim_one(relay: &Relay, entry: &Entry, now_ms: u64) -> io::Result<Option<Claimed>> {
+/// Claim one finished file of Pickup: rename it into the Queue folder under
+/// a new queue id. `None` when it is still being written or already gone.
+pub fn claim_pickup_file(relay: &Relay, entry: &Entry, now_ms: u64) -> io::Result<Option<Claimed>> {
     let mailroot = &relay.mailroot;
     let source = mailroot
         .file(Folder::Pickup, &entry.name)
@@ -100,6 +416,9 @@ fn claim_one(relay: &Relay, entry: &Entry, now_ms: u64) -> io::Result<Option<Cla
     }
     let queue_id = new_queue_id(now_ms);
     let name = queue::claimed_file(&queue_id, &entry.name);
+    // The rename needs no sync of its own: until the message is delivered
+    // or committed, the file is in Pickup or in Queue, whichever the disk
+    // kept, and is found again either way.
     match fs::rename(&source, mailroot.dir(Folder::Queue).join(&name)) {
         // Another relay on the same mailroot was faster.
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -118,77 +437,17 @@ fn claim_one(relay: &Relay, entry: &Entry, now_ms: u64) -> io::Result<Option<Cla
     }
 }
 
-/// What became of a claimed file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acceptance {
-    /// Committed to the queue.
-    Queued,
-    /// Refused: now in Badmail.
-    Rejected,
-    /// Left in place for the next pass.
-    Retry,
-}
-
-/// Let the component accept a claimed file; commit it, or send it to Badmail.
 /// A claimed file after the component looked at it.
 enum Prepared {
     /// Rejected, or left for later.
     Done(Acceptance),
-    /// Ready to commit: its control record and its cleaned message.
+    /// Committed before the relay stopped; only the claimed file was left.
+    Committed(Control),
+    /// Accepted: its control record and its cleaned message.
     Ready(Control, Vec<u8>),
 }
 
-/// Accept a chunk of claimed files and commit the accepted ones together:
-/// one filesystem sync for the chunk instead of three fsyncs per message
-/// (group commit, as databases do).
-pub fn accept_claimed(relay: &Relay, chunk: &[Claimed]) -> Vec<Acceptance> {
-    let mut results = Vec::with_capacity(chunk.len());
-    let mut ready = Vec::new();
-    for claimed in chunk {
-        match prepare(relay, claimed) {
-            Prepared::Done(acceptance) => results.push(acceptance),
-            Prepared::Ready(control, message) => ready.push((claimed, control, message)),
-        }
-    }
-    if ready.is_empty() {
-        return results;
-    }
-    let entries: Vec<(&Control, &[u8])> = ready
-        .iter()
-        .map(|(_, control, message)| (control, message.as_slice()))
-        .collect();
-    if let Err(e) = relay.queue.commit_batch(&entries) {
-        logging::error(&format!(
-            "cannot write the queue files of {} messages: {e}; will try again",
-            ready.len()
-        ));
-        results.extend(ready.iter().map(|_| Acceptance::Retry));
-        return results;
-    }
-    for (claimed, control, message) in ready {
-        let id = &control.queue_id;
-        if let Err(e) = relay
-            .queue
-            .remove_claimed(&claimed.file)
-            .and_then(|()| relay.queue.clear_component_failures(id))
-        {
-            logging::warn(&format!(
-                "{id}: committed, but {} is left behind: {e}",
-                claimed.file
-            ));
-        }
-        logging::info(&format!(
-            "{id}: from=<{}> nrcpt={} size={}",
-            control.sender,
-            control.recipients.len(),
-            message.len()
-        ));
-        results.push(Acceptance::Queued);
-    }
-    results
-}
-
-fn prepare(relay: &Relay, claimed: &Claimed) -> Prepared {
+fn prepare(relay: &Relay, active: &ActiveQueue, claimed: &Claimed) -> Prepared {
     let now_ms = relay.clock.now_ms();
     let id = &claimed.queue_id;
     let rejected = |code: &str, text: String| {
@@ -211,11 +470,14 @@ fn prepare(relay: &Relay, claimed: &Claimed) -> Prepared {
         }
     };
     if relay.queue.is_committed(id) {
-        // Committed before the relay stopped; only the claimed file was left.
-        return match relay.queue.remove_claimed(&claimed.file) {
-            Ok(()) => Prepared::Done(Acceptance::Queued),
+        return match relay
+            .queue
+            .remove_claimed(&claimed.file)
+            .and_then(|()| relay.queue.load(id))
+        {
+            Ok(control) => Prepared::Committed(control),
             Err(e) => {
-                logging::error(&format!("{id}: cannot remove {}: {e}", claimed.file));
+                logging::error(&format!("{id}: cannot take over {}: {e}", claimed.file));
                 Prepared::Done(Acceptance::Retry)
             }
         };
@@ -236,13 +498,20 @@ fn prepare(relay: &Relay, claimed: &Claimed) -> Prepared {
             return Prepared::Done(Acceptance::Retry);
         }
         Ok(Err(rejection)) => {
-            if let Some(notice) = &rejection.notice {
-                crate::delivery::queue_notice(
+            if let Some(notice) = &rejection.notice
+                && let Some(control) = delivery::queue_notice(
                     &relay.spool(),
                     &claimed.original,
                     &notice.recipient,
                     &notice.message,
-                );
+                )
+            {
+                let destination = delivery::destination(&control);
+                let message = Message {
+                    control,
+                    fresh: None,
+                };
+                active.push(destination, message, Admission::Notice);
             }
             return rejected(&rejection.code, rejection.text);
         }
@@ -271,6 +540,7 @@ fn prepare(relay: &Relay, claimed: &Claimed) -> Prepared {
         attempts: 0,
         first_seen_ms: now_ms,
         next_attempt_ms: now_ms,
+        size: accepted.message.len() as u64,
     };
     Prepared::Ready(control, accepted.message)
 }

@@ -4,14 +4,19 @@
 //! `Queue/ID.json` (the [`Control`] record: envelope, per-recipient state,
 //! attempts, times). Both are written to a temporary name, fsynced, renamed
 //! into place and the directory fsynced; the control file is written last,
-//! so its presence is the commit point. A claimed pickup file,
-//! `Queue/ID-NAME.claimed`, exists until its message is committed; after a
-//! crash it is simply accepted again.
+//! so its presence is the commit point. The control file's modification time
+//! is set to its next attempt, as Postfix does with its deferred queue, so
+//! that the scan for due messages reads only the records that are due.
+//!
+//! A claimed pickup file, `Queue/ID-NAME.claimed`, exists until its message
+//! is delivered or committed; after a crash it is simply accepted again.
+//! `Queue/ID.inflight` lists the messages of a delivery attempt in progress.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +67,9 @@ pub struct Control {
     /// The one delay notice was sent.
     #[serde(default)]
     pub delay_notice_sent: bool,
+    /// Bytes of the queued message (0 in records written before it was kept).
+    #[serde(default)]
+    pub size: u64,
 }
 
 impl Control {
@@ -93,8 +101,8 @@ pub fn control_file(queue_id: &str) -> String {
 }
 
 /// Marks a delivery attempt in progress (see [`Queue::mark_in_flight`]).
-pub fn in_flight_file(queue_id: &str) -> String {
-    format!("{queue_id}.inflight")
+pub fn in_flight_file(batch_id: &str) -> String {
+    format!("{batch_id}.inflight")
 }
 
 /// Component failures counted for a message (see [`Queue::record_component_failure`]).
@@ -138,6 +146,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Write `bytes` as `dir/name` atomically and durably (temp file, fsync,
 /// rename); the caller fsyncs the directory once for a batch of writes.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_dated(dir, name, bytes, None)
+}
+
+/// [`write_atomic`], with the file's modification time set to `modified_ms`.
+fn write_atomic_dated(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    modified_ms: Option<u64>,
+) -> io::Result<()> {
     let temp = dir.join(format!(".{name}.tmp"));
     let mut file = OpenOptions::new()
         .write(true)
@@ -145,8 +163,30 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
         .truncate(true)
         .open(&temp)?;
     file.write_all(bytes)?;
+    if let Some(ms) = modified_ms {
+        file.set_modified(system_time(ms))?;
+    }
     file.sync_all()?;
     fs::rename(&temp, dir.join(name))
+}
+
+fn system_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What the scan of the Queue folder finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEntry {
+    /// A committed message: its queue id, and when its next attempt is due
+    /// according to its control file's modification time.
+    Queued { queue_id: String, due_ms: u64 },
+    /// A claimed pickup file, by its name in the Queue folder.
+    Claimed(String),
 }
 
 /// The queue folder.
@@ -186,6 +226,10 @@ impl Queue {
             let name = control_file(&control.queue_id);
             let temp = dir.join(format!(".{name}.tmp"));
             fs::write(&temp, json)?;
+            File::options()
+                .write(true)
+                .open(&temp)?
+                .set_modified(system_time(control.next_attempt_ms))?;
             renames.push((temp, dir.join(name)));
         }
         sync_filesystem(&dir)?;
@@ -199,7 +243,12 @@ impl Queue {
     pub fn write_control(&self, control: &Control) -> io::Result<()> {
         let dir = self.dir();
         let json = serde_json::to_vec_pretty(control).map_err(io::Error::other)?;
-        write_atomic(&dir, &control_file(&control.queue_id), &json)?;
+        write_atomic_dated(
+            &dir,
+            &control_file(&control.queue_id),
+            &json,
+            Some(control.next_attempt_ms),
+        )?;
         sync_dir(&dir)
     }
 
@@ -213,31 +262,44 @@ impl Queue {
             .map_err(|e| io::Error::other(format!("{}: {e}", control_file(queue_id))))
     }
 
-    /// Queue ids with a control record, and claimed files awaiting acceptance.
-    pub fn scan(&self) -> io::Result<(Vec<String>, Vec<String>)> {
-        let mut queued = Vec::new();
-        let mut claimed = Vec::new();
-        for entry in self.mailroot.scan(Folder::Queue)? {
-            if let Some(id) = entry.name.strip_suffix(".json") {
-                queued.push(id.to_string());
-            } else if entry.name.ends_with(CLAIMED_SUFFIX) {
-                claimed.push(entry.name);
+    /// Visit the committed messages and the claimed files of the Queue
+    /// folder as the directory lists them, without holding the listing:
+    /// memory stays flat however long the queue is.
+    pub fn scan(&self, mut visit: impl FnMut(QueueEntry)) -> io::Result<()> {
+        for dirent in fs::read_dir(self.dir())? {
+            let dirent = dirent?;
+            let Ok(name) = dirent.file_name().into_string() else {
+                continue;
+            };
+            if let Some(id) = name.strip_suffix(".json") {
+                if crate::mailroot::is_ignored(&name) {
+                    continue;
+                }
+                // `DirEntry::metadata` does not follow symbolic links.
+                let due_ms = dirent
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map_or(0, millis);
+                visit(QueueEntry::Queued {
+                    queue_id: id.to_string(),
+                    due_ms,
+                });
+            } else if name.ends_with(CLAIMED_SUFFIX) {
+                visit(QueueEntry::Claimed(name));
             }
         }
-        queued.sort();
-        Ok((queued, claimed))
+        Ok(())
     }
 
     /// Remove a finished message: the control file first, so a crash in
     /// between leaves an orphan message file, never a control without message.
+    /// Not fsynced: should a power failure undo the removal, the message is
+    /// attempted once more (a possible duplicate, never a loss).
     pub fn remove(&self, queue_id: &str) -> io::Result<()> {
         let dir = self.dir();
         remove_if_present(&dir.join(control_file(queue_id)))?;
         remove_if_present(&dir.join(message_file(queue_id)))?;
-        remove_if_present(&dir.join(failures_file(queue_id)))?;
-        // Not fsynced: should a power failure undo the removal, the message
-        // is attempted once more (a possible duplicate, never a loss).
-        remove_if_present(&dir.join(in_flight_file(queue_id)))
+        remove_if_present(&dir.join(failures_file(queue_id)))
     }
 
     /// Whether `queue_id` has a committed control file.
@@ -245,29 +307,59 @@ impl Queue {
         fs::symlink_metadata(self.dir().join(control_file(queue_id))).is_ok()
     }
 
-    /// Mark an attempt in progress. Not fsynced: it only has to survive the
-    /// relay being killed (the page cache survives that), so that a restart
-    /// can warn that recipients of this attempt may get the message twice.
-    pub fn mark_in_flight(&self, queue_id: &str) -> io::Result<()> {
-        fs::write(self.dir().join(in_flight_file(queue_id)), b"")
+    /// Mark a delivery attempt in progress: `batch_id` (the queue id of its
+    /// first message) names the marker, which lists the queue ids of all its
+    /// messages. Not fsynced: it only has to survive the relay being killed
+    /// (the page cache survives that), so that a restart can warn that
+    /// recipients of this attempt may get the message twice.
+    pub fn mark_in_flight<'a>(
+        &self,
+        batch_id: &str,
+        queue_ids: impl IntoIterator<Item = &'a str>,
+    ) -> io::Result<()> {
+        let mut list = String::new();
+        for id in queue_ids {
+            list.push_str(id);
+            list.push('\n');
+        }
+        fs::write(self.dir().join(in_flight_file(batch_id)), list)
     }
 
-    /// The attempt is recorded in the control file.
-    pub fn clear_in_flight(&self, queue_id: &str) -> io::Result<()> {
-        remove_if_present(&self.dir().join(in_flight_file(queue_id)))
+    /// The attempt is over: every report is recorded.
+    pub fn clear_in_flight(&self, batch_id: &str) -> io::Result<()> {
+        remove_if_present(&self.dir().join(in_flight_file(batch_id)))
     }
 
-    /// Queue ids whose attempt was in flight when the relay stopped.
-    pub fn interrupted_attempts(&self) -> io::Result<Vec<String>> {
+    /// Queue ids whose attempt was in flight when the relay stopped, and the
+    /// markers that say so (remove them with [`Queue::clear_in_flight`]).
+    pub fn interrupted_attempts(&self) -> io::Result<(Vec<String>, Vec<String>)> {
         let mut ids = Vec::new();
+        let mut markers = Vec::new();
         for entry in fs::read_dir(self.dir())? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".inflight") {
-                ids.push(id.to_string());
+            let Some(batch_id) = name.strip_suffix(".inflight") else {
+                continue;
+            };
+            let list = self
+                .mailroot
+                .read(Folder::Queue, &name, 1 << 20)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_default();
+            let listed: Vec<String> = list
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            // An empty marker (an older relay's) names its one message.
+            if listed.is_empty() {
+                ids.push(batch_id.to_string());
             }
+            ids.extend(listed);
+            markers.push(batch_id.to_string());
         }
         ids.sort();
-        Ok(ids)
+        ids.dedup();
+        Ok((ids, markers))
     }
 
     /// Remove what a crash can leave behind and nothing refers to: half

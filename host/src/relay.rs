@@ -1,13 +1,16 @@
-//! The relay: the stages around the queue, run in passes.
+//! The relay: the stages around the queue, run as a pipeline.
 //!
-//! A pass accepts claimed files (crash leftovers first), claims new files
-//! from Pickup, accepts them, and attempts delivery of every queued message
-//! that is due. Work is spread over `workers` threads; each message gets its
-//! own component instance, so one slow destination holds one worker only.
+//! Pickup workers claim and accept files and hand the messages to the
+//! active queue ([`crate::qmgr`]); the queue scan adds the queued messages
+//! that are due; delivery workers take batches of lanes from the active
+//! queue, one component call per batch. The stages overlap: the first
+//! messages are on their way while later files are still being claimed.
+//! `--once` runs the pipeline until Pickup and the due queue are drained;
+//! `serve` keeps it running, listing Pickup every poll interval and scanning
+//! the queue when a deferred message falls due.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::clock::{Clock, SystemClock};
@@ -15,8 +18,9 @@ use crate::delivery::{self, Attempt};
 use crate::dns::Resolver;
 use crate::logging;
 use crate::mailroot::Mailroot;
-use crate::pickup::{self, Acceptance, Claimed};
-use crate::queue::Queue;
+use crate::pickup::{Pickup, sleep_unless};
+use crate::qmgr::{self, ActiveQueue, Admission, Message};
+use crate::queue::{Queue, QueueEntry};
 use crate::runtime::bindings::exports::mailroot::relay::stages::Explanation;
 use crate::runtime::bindings::exports::mailroot::relay::stages::{RelayOptions, Timeouts};
 use crate::runtime::bindings::mailroot::relay::types::{
@@ -80,16 +84,6 @@ impl PassReport {
     pub fn all_delivered(&self) -> bool {
         self.rejected == 0 && self.failed == 0 && self.deferred == 0 && self.retry == 0
     }
-
-    fn add(&mut self, other: &PassReport) {
-        self.claimed += other.claimed;
-        self.queued += other.queued;
-        self.rejected += other.rejected;
-        self.delivered += other.delivered;
-        self.failed += other.failed;
-        self.deferred += other.deferred;
-        self.retry += other.retry;
-    }
 }
 
 /// A running relay on one mailroot.
@@ -100,6 +94,8 @@ pub struct Relay {
     pub(crate) runtime: Runtime,
     pub(crate) options: RelayOptions,
     pub(crate) clock: Arc<dyn Clock>,
+    /// See [`delivery::Spool::next_due_ms`].
+    pub(crate) next_due_ms: Arc<AtomicU64>,
 }
 
 fn millis(d: Duration) -> u32 {
@@ -142,7 +138,10 @@ impl Relay {
         let cache_dir = mailroot.root().join(".cache");
         // One instance slot per worker, and a few for start-up and `check`.
         let limits = ComponentLimits {
-            instances: settings.workers.saturating_add(8),
+            instances: settings
+                .workers
+                .saturating_add(ACCEPT_THREADS)
+                .saturating_add(8),
             ..settings.component_limits
         };
         let runtime = Runtime::new(&bytes, capabilities, limits, Some(&cache_dir))
@@ -177,6 +176,7 @@ impl Relay {
             options,
             clock,
             settings,
+            next_due_ms: Arc::new(AtomicU64::new(u64::MAX)),
         })
     }
 
@@ -191,6 +191,8 @@ impl Relay {
             queue: self.queue.clone(),
             mailroot: self.mailroot.clone(),
             clock: self.clock.clone(),
+            max_component_failures: self.settings.max_component_failures,
+            next_due_ms: self.next_due_ms.clone(),
         }
     }
 
@@ -209,202 +211,181 @@ impl Relay {
         }
     }
 
-    /// One pass over Pickup and the queue. `force` attempts every queued
-    /// message, due or not.
+    /// One pass over Pickup and the queue: every settled file in Pickup, and
+    /// every queued message that is due (every one when `force`), until all
+    /// have been attempted once (with the DSNs they queued).
     pub fn run_pass(&self, force: bool) -> PassReport {
-        let mut report = PassReport::default();
-        let (_, leftovers) = self.queue.scan().unwrap_or_else(|e| {
-            logging::error(&format!("cannot list the queue: {e}"));
-            (Vec::new(), Vec::new())
-        });
-        let mut claimed: Vec<Claimed> = leftovers
-            .iter()
-            .filter_map(|name| Claimed::from_queue_name(name))
-            .collect();
-        match pickup::claim_pickup_files(self) {
-            Ok(new) => {
-                report.claimed = new.len();
-                claimed.extend(new);
-            }
-            Err(e) => logging::error(&format!("cannot scan Pickup: {e}")),
-        }
-        let results = Mutex::new(Vec::new());
-        // Accepting waits on fsync: enough threads to overlap the syncs (the
-        // journal commits them together), few enough not to spin on the
-        // Queue directory's lock (perf showed both ends).
-        let chunks: Vec<Vec<Claimed>> = claimed
-            .chunks(ACCEPT_CHUNK)
-            .map(<[Claimed]>::to_vec)
-            .collect();
-        self.parallel(chunks, ACCEPT_THREADS, |chunk| {
-            let chunk_results = pickup::accept_claimed(self, &chunk);
-            lock(&results).extend(chunk_results);
-        });
-        for result in results.into_inner().unwrap_or_default() {
-            match result {
-                Acceptance::Queued => report.queued += 1,
-                Acceptance::Rejected => report.rejected += 1,
-                Acceptance::Retry => report.retry += 1,
-            }
-        }
-        // DSNs queued by an attempt are due at once: deliver them in the same
-        // pass. They come from the null sender and never cause further DSNs,
-        // so this ends; the bound is only a guard.
-        let mut queued = self.queue.scan().map(|(ids, _)| ids).unwrap_or_default();
-        for _ in 0..4 {
-            if queued.is_empty() {
-                break;
-            }
-            let (attempts, notices) = self.deliver_due(queued, force);
-            for attempt in attempts {
-                match attempt {
-                    Attempt::NotDue => {}
-                    Attempt::Delivered => report.delivered += 1,
-                    Attempt::Failed => report.failed += 1,
-                    Attempt::Deferred => report.deferred += 1,
-                    Attempt::Error => report.retry += 1,
-                }
-            }
-            queued = notices;
-        }
-        report
+        self.run(&AtomicBool::new(false), false, force)
     }
 
-    /// Run passes until `stop` is set, then return the totals.
+    /// Run until `stop` is set, then return the totals.
     pub fn serve(&self, stop: &AtomicBool) -> PassReport {
-        let mut total = PassReport::default();
         logging::info(&format!(
             "serving {} as {}",
             self.mailroot.root().display(),
             self.settings.hostname
         ));
-        while !stop.load(Ordering::Relaxed) {
-            let report = self.run_pass(false);
-            total.add(&report);
-            let idle_until = Instant::now() + self.settings.poll_interval;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < idle_until {
-                std::thread::sleep(Duration::from_millis(50).min(self.settings.poll_interval));
-            }
-        }
+        let total = self.run(stop, true, false);
         logging::info("stopped");
         total
     }
 
-    /// Attempt the due messages among `ids` with up to `workers` threads, at
-    /// most `max_per_destination` at once for one destination, so that a slow
-    /// or dead destination never holds up the others. Returns the attempts
-    /// and the queue ids of the DSNs they queued.
-    fn deliver_due(&self, ids: Vec<String>, force: bool) -> (Vec<Attempt>, Vec<String>) {
-        let now_ms = self.clock.now_ms();
-        let mut due = VecDeque::new();
-        let mut attempts = Vec::new();
-        for id in ids {
-            match self.queue.load(&id) {
-                Ok(control) if force || delivery::is_due(&control, now_ms) => {
-                    due.push_back(control)
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    logging::error(&format!("{id}: cannot read the control file: {e}"));
-                    attempts.push(Attempt::Error);
-                }
-            }
+    /// The limits of the active queue, from the settings.
+    fn active_limits(&self) -> qmgr::Limits {
+        let s = &self.settings;
+        let workers = s.workers.max(1);
+        let max_connections = s.max_connections.max(1);
+        qmgr::Limits {
+            max_connections,
+            max_per_destination: s.max_per_destination.max(1),
+            // The connections are shared out among the workers, so that
+            // they are all in use even when every lane is slow.
+            lanes_per_call: max_connections
+                .div_ceil(workers)
+                .clamp(1, MAX_LANES_PER_CALL),
+            messages_per_lane: MESSAGES_PER_LANE,
+            bytes_per_call: BYTES_PER_CALL,
+            max_waiting: ACTIVE_MESSAGES,
+            max_memory: ACTIVE_BYTES,
         }
-        struct Shared {
-            waiting: VecDeque<crate::queue::Control>,
-            in_flight: HashMap<String, usize>,
-            attempts: Vec<Attempt>,
-            notices: Vec<String>,
-        }
-        let workers = self.settings.workers.clamp(1, due.len().max(1));
-        let shared = Mutex::new(Shared {
-            waiting: due,
-            in_flight: HashMap::new(),
-            attempts,
-            notices: Vec::new(),
-        });
-        let changed = Condvar::new();
-        let limit = self.settings.max_per_destination.max(1);
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    let mut state = lock(&shared);
-                    loop {
-                        let position = state.waiting.iter().position(|c| {
-                            state
-                                .in_flight
-                                .get(&delivery::destination(c))
-                                .copied()
-                                .unwrap_or(0)
-                                < limit
-                        });
-                        let Some(first) = position.and_then(|p| state.waiting.remove(p)) else {
-                            if state.waiting.is_empty() {
-                                break;
-                            }
-                            // Everything left waits on a busy destination.
-                            state = changed
-                                .wait(state)
-                                .unwrap_or_else(|poisoned| poisoned.into_inner());
-                            continue;
-                        };
-                        let key = delivery::destination(&first);
-                        // More messages for the same destination ride on the
-                        // same component call and connections.
-                        let mut batch = vec![first];
-                        while batch.len() < BATCH {
-                            let Some(p) = state
-                                .waiting
-                                .iter()
-                                .position(|c| delivery::destination(c) == key)
-                            else {
-                                break;
-                            };
-                            let Some(next) = state.waiting.remove(p) else {
-                                break;
-                            };
-                            batch.push(next);
-                        }
-                        *state.in_flight.entry(key.clone()).or_insert(0) += 1;
-                        drop(state);
-                        let results = delivery::attempt_batch(self, batch);
-                        state = lock(&shared);
-                        if let Some(count) = state.in_flight.get_mut(&key) {
-                            *count -= 1;
-                        }
-                        for (attempt, notices) in results {
-                            state.attempts.push(attempt);
-                            state.notices.extend(notices);
-                        }
-                        changed.notify_all();
-                    }
-                });
-            }
-        });
-        let shared = shared
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (shared.attempts, shared.notices)
     }
 
-    /// Run `work` on every item with up to `threads` threads (at most `workers`).
-    fn parallel<T: Send>(&self, items: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
-        let workers = threads
-            .min(self.settings.workers)
-            .clamp(1, items.len().max(1));
-        let queue = Mutex::new(VecDeque::from(items));
+    /// The pipeline: pickup workers, the queue scan, delivery workers.
+    /// `repeat` keeps it going until `stop` (serve); otherwise it ends once
+    /// what was there at the start is done.
+    fn run(&self, stop: &AtomicBool, repeat: bool, force: bool) -> PassReport {
+        let active = Arc::new(ActiveQueue::new(self.active_limits()));
+        let pickup = Pickup::new(self, active.clone(), repeat);
+        // Claimed files left in the queue go first: crash leftovers, and
+        // files an earlier pass could not accept. (The due messages are
+        // scanned in a thread of their own: the active queue may fill up.)
+        self.scan_queue(&active, &pickup, Scan::Claimed);
+        let report = Mutex::new(PassReport::default());
+        // Producers are counted before any worker can find the queue empty.
+        for _ in 0..ACCEPT_THREADS + 1 {
+            active.producer_started();
+        }
         std::thread::scope(|scope| {
-            for _ in 0..workers {
+            for _ in 0..ACCEPT_THREADS {
                 scope.spawn(|| {
-                    loop {
-                        let Some(item) = lock(&queue).pop_front() else {
-                            break;
-                        };
-                        work(item);
+                    let counts = pickup.run(stop);
+                    active.producer_done();
+                    let mut report = lock(&report);
+                    report.claimed += counts.claimed;
+                    report.queued += counts.queued;
+                    report.rejected += counts.rejected;
+                    report.retry += counts.retry;
+                });
+            }
+            scope.spawn(|| {
+                self.scan_queue(&active, &pickup, Scan::Due { force });
+                if repeat {
+                    self.scan_queue_until(stop, &active, &pickup);
+                }
+                active.producer_done();
+            });
+            for _ in 0..self.settings.workers.max(1) {
+                scope.spawn(|| {
+                    while let Some(lanes) = active.next_batch() {
+                        let attempts = delivery::attempt_batch(self, &active, lanes);
+                        active.batch_done();
+                        let mut report = lock(&report);
+                        for attempt in attempts {
+                            match attempt {
+                                Attempt::Delivered => report.delivered += 1,
+                                Attempt::Failed => report.failed += 1,
+                                Attempt::Deferred => report.deferred += 1,
+                                Attempt::Error => report.retry += 1,
+                            }
+                        }
                     }
                 });
             }
+            if repeat {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    active.stop();
+                });
+            }
         });
+        report.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Scan the queue again whenever a deferred message falls due, and
+    /// every [`QUEUE_RESCAN`] for claimed files left to retry.
+    fn scan_queue_until(&self, stop: &AtomicBool, active: &ActiveQueue, pickup: &Pickup<'_>) {
+        let mut last_full = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            sleep_unless(stop, self.settings.poll_interval);
+            let due = self.next_due_ms.load(Ordering::Relaxed) <= self.clock.now_ms();
+            let full = last_full.elapsed() >= QUEUE_RESCAN;
+            if !due && !full {
+                continue;
+            }
+            if full {
+                last_full = Instant::now();
+                self.scan_queue(active, pickup, Scan::Claimed);
+            }
+            self.scan_queue(active, pickup, Scan::Due { force: false });
+        }
+    }
+
+    /// Look through the Queue folder: hand the claimed files nobody works
+    /// on to `pickup`, or queue the due messages that are not active yet
+    /// (the control files' dates say which records are worth reading).
+    fn scan_queue(&self, active: &ActiveQueue, pickup: &Pickup<'_>, scan: Scan) {
+        let force = match scan {
+            Scan::Claimed => {
+                let scanned = self.queue.scan(|entry| {
+                    if let QueueEntry::Claimed(name) = entry {
+                        pickup.add_leftover(&name);
+                    }
+                });
+                if let Err(e) = scanned {
+                    logging::error(&format!("cannot list the queue: {e}"));
+                }
+                return;
+            }
+            Scan::Due { force } => force,
+        };
+        // Deferrals from now on are noted again; the scan sees the older ones.
+        self.next_due_ms.store(u64::MAX, Ordering::Relaxed);
+        let now_ms = self.clock.now_ms();
+        let mut later = u64::MAX;
+        let scanned = self.queue.scan(|entry| match entry {
+            QueueEntry::Claimed(_) => {}
+            QueueEntry::Queued { queue_id, due_ms } => {
+                if active.contains(&queue_id) {
+                    return;
+                }
+                if !force && due_ms > now_ms {
+                    later = later.min(due_ms);
+                    return;
+                }
+                match self.queue.load(&queue_id) {
+                    Ok(control) if force || delivery::is_due(&control, now_ms) => {
+                        let destination = delivery::destination(&control);
+                        let message = Message {
+                            control,
+                            fresh: None,
+                        };
+                        active.push(destination, message, Admission::Scanned);
+                    }
+                    Ok(control) => later = later.min(control.next_attempt_ms),
+                    // Written meanwhile, or removed: the next scan sees it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        logging::error(&format!("{queue_id}: cannot read the control file: {e}"))
+                    }
+                }
+            }
+        });
+        if let Err(e) = scanned {
+            logging::error(&format!("cannot list the queue: {e}"));
+        }
+        self.next_due_ms.fetch_min(later, Ordering::Relaxed);
     }
 }
 
@@ -529,29 +510,64 @@ fn recover_interrupted_attempts(queue: &Queue) {
         Ok(_) => {}
         Err(e) => logging::warn(&format!("cannot clean the queue after a crash: {e}")),
     }
-    for id in queue.interrupted_attempts().unwrap_or_default() {
-        let pending = queue.load(&id).map(|c| c.pending()).unwrap_or_default();
-        if !pending.is_empty() {
+    let (ids, markers) = queue.interrupted_attempts().unwrap_or_default();
+    let mut claimed = Vec::new();
+    let _ = queue.scan(|entry| {
+        if let QueueEntry::Claimed(name) = entry {
+            claimed.push(name);
+        }
+    });
+    for id in ids {
+        if let Ok(control) = queue.load(&id) {
+            let pending = control.pending();
+            if !pending.is_empty() {
+                logging::warn(&format!(
+                    "{id}: the relay stopped during a delivery attempt; these recipients may receive the message twice: {}",
+                    pending
+                        .iter()
+                        .map(|r| format!("<{r}>"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        } else if let Some(file) = claimed.iter().find(|n| n.starts_with(&format!("{id}-"))) {
             logging::warn(&format!(
-                "{id}: the relay stopped during a delivery attempt; these recipients may receive the message twice: {}",
-                pending
-                    .iter()
-                    .map(|r| format!("<{r}>"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "{id}: the relay stopped while delivering {file}, which is accepted again; its recipients may receive the message twice"
             ));
         }
-        let _ = queue.clear_in_flight(&id);
+    }
+    for marker in markers {
+        let _ = queue.clear_in_flight(&marker);
     }
 }
 
-/// Threads for the accept stage.
-const ACCEPT_THREADS: usize = 16;
-/// Claimed files accepted and committed together (one filesystem sync).
-const ACCEPT_CHUNK: usize = 64;
+/// What [`Relay::scan_queue`] looks for.
+#[derive(Debug, Clone, Copy)]
+enum Scan {
+    /// Claimed pickup files nobody works on.
+    Claimed,
+    /// Queued messages that are due (all of them when `force`).
+    Due { force: bool },
+}
 
-/// Most messages for one destination delivered in one component call.
-const BATCH: usize = 32;
+/// Threads of the pickup stage: accepting is mostly the component's CPU
+/// time, and a second thread overlaps one's file operations with the
+/// other's parsing.
+const ACCEPT_THREADS: usize = 2;
+
+/// Most lanes (connections) in one component call.
+const MAX_LANES_PER_CALL: usize = 128;
+/// Most messages one lane carries over its connection in one call.
+const MESSAGES_PER_LANE: usize = 32;
+/// Most bytes of messages in one component call (beyond the first message).
+const BYTES_PER_CALL: u64 = 64 << 20;
+/// Most messages waiting in the active queue.
+const ACTIVE_MESSAGES: usize = 10_000;
+/// Most bytes of fresh messages waiting in memory.
+const ACTIVE_BYTES: usize = 64 << 20;
+/// How often `serve` looks at the whole queue even when nothing is due:
+/// claimed files to accept again, files put there by hand.
+const QUEUE_RESCAN: Duration = Duration::from_secs(60);
 
 /// A poisoned lock only means another worker panicked; the data is still sound.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -75,10 +75,13 @@ pub struct Settings {
     /// Limits on each component call.
     pub component_limits: ComponentLimits,
     pub smtp_timeouts: SmtpTimeouts,
-    /// Messages handled at once (each with its own instance and connection):
-    /// the limit on connections in all.
+    /// Delivery threads, each running one component call at a time; a call
+    /// drives many connections at once, so this is not a connection limit.
     pub workers: usize,
-    /// Messages handled at once for one destination domain.
+    /// SMTP connections at once, in all (Postfix's `default_process_limit`).
+    pub max_connections: usize,
+    /// SMTP connections at once to one destination domain (Postfix's
+    /// `default_destination_concurrency_limit`).
     pub max_per_destination: usize,
     /// Most recipients in one SMTP transaction; more go in further ones.
     pub max_recipients_per_transaction: u32,
@@ -113,7 +116,8 @@ impl Settings {
             max_recipients: 1000,
             component_limits: ComponentLimits::default(),
             smtp_timeouts: SmtpTimeouts::default(),
-            workers: 100,
+            workers: 16,
+            max_connections: 100,
             max_per_destination: 20,
             max_recipients_per_transaction: 100,
             routing: Routing {

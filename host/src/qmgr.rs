@@ -1,0 +1,447 @@
+//! The active queue (Postfix's qmgr): the messages due for delivery, held
+//! in memory by destination, and handed to the delivery workers in batches
+//! within the connection limits.
+//!
+//! A batch is a list of lanes, one per destination; each lane holds one
+//! connection's worth of messages (up to [`Limits::messages_per_lane`]),
+//! which the component sends over one session. One component call carries
+//! many lanes and drives them concurrently, so a slow destination costs a
+//! socket, not a worker. A lane counts against the limits from the moment it
+//! is handed out until its last message is recorded: at most
+//! `max_connections` lanes in all and `max_per_destination` for one
+//! destination.
+//!
+//! The queue is bounded, in messages and in bytes of messages held in
+//! memory: producers (pickup, the queue scan) wait for room, so memory does
+//! not grow with the backlog. Notices (DSNs) queued by a delivery never wait,
+//! since only delivery makes room.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::queue::Control;
+
+/// A message due for delivery.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub control: Control,
+    /// Set for a message fresh from pickup that was not written to the
+    /// queue (it may never need to be: most are delivered at once).
+    pub fresh: Option<Fresh>,
+}
+
+/// A message accepted from pickup and held in memory: its claimed file is
+/// still in the Queue folder, so a crash loses nothing.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    /// The claimed pickup file, removed once the message is delivered or
+    /// written to the queue.
+    pub claimed: String,
+    /// The cleaned message, as the component accepted it.
+    pub message: Arc<[u8]>,
+}
+
+impl Message {
+    /// Bytes of the message, for the call budget.
+    pub fn size(&self) -> u64 {
+        match &self.fresh {
+            Some(fresh) => fresh.message.len() as u64,
+            None => self.control.size,
+        }
+    }
+
+    /// Bytes it holds in memory.
+    fn memory(&self) -> usize {
+        self.fresh.as_ref().map_or(0, |f| f.message.len())
+    }
+}
+
+/// How a message enters the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Found by the queue scan: skipped when it is already in the queue;
+    /// waits for room.
+    Scanned,
+    /// Accepted from pickup, its queue id reserved when it was claimed;
+    /// waits for room.
+    Reserved,
+    /// Queued by a delivery (a DSN): never waits, since only deliveries
+    /// make room.
+    Notice,
+}
+
+/// One connection's worth of messages for one destination.
+#[derive(Debug)]
+pub struct Lane {
+    pub destination: String,
+    pub messages: Vec<Message>,
+}
+
+/// The limits of the active queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Lanes (connections) in flight in all.
+    pub max_connections: usize,
+    /// Lanes in flight for one destination.
+    pub max_per_destination: usize,
+    /// Lanes in one component call.
+    pub lanes_per_call: usize,
+    /// Messages in one lane.
+    pub messages_per_lane: usize,
+    /// Bytes of messages in one call (the component reads them as it goes,
+    /// but this bounds what one call can hold at once).
+    pub bytes_per_call: u64,
+    /// Messages waiting at most.
+    pub max_waiting: usize,
+    /// Bytes of fresh messages waiting at most.
+    pub max_memory: usize,
+}
+
+#[derive(Default)]
+struct Destination {
+    waiting: VecDeque<Message>,
+    lanes: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    destinations: HashMap<String, Destination>,
+    /// Destinations with waiting messages, in turn.
+    ready: VecDeque<String>,
+    /// Queue ids waiting, in flight, or being accepted: never queued twice.
+    ids: HashSet<String>,
+    waiting: usize,
+    memory: usize,
+    connections: usize,
+    batches: usize,
+    producers: usize,
+    stopping: bool,
+}
+
+/// The active queue; shared by the producers and the delivery workers.
+pub struct ActiveQueue {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    limits: Limits,
+}
+
+impl ActiveQueue {
+    pub fn new(limits: Limits) -> Self {
+        ActiveQueue {
+            inner: Mutex::new(Inner::default()),
+            changed: Condvar::new(),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A producer starts: workers wait for it before they call the queue drained.
+    pub fn producer_started(&self) {
+        self.lock().producers += 1;
+    }
+
+    /// A producer is done.
+    pub fn producer_done(&self) {
+        self.lock().producers -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Stop handing out batches; the ones in flight finish.
+    pub fn stop(&self) {
+        self.lock().stopping = true;
+        self.changed.notify_all();
+    }
+
+    /// Whether `queue_id` is waiting, in flight or being accepted.
+    pub fn contains(&self, queue_id: &str) -> bool {
+        self.lock().ids.contains(queue_id)
+    }
+
+    /// Reserve `queue_id` while its message is being accepted, so that the
+    /// queue scan leaves its claimed file alone; false when it is taken.
+    pub fn reserve(&self, queue_id: &str) -> bool {
+        self.lock().ids.insert(queue_id.to_string())
+    }
+
+    /// Forget `queue_id` (a reserved one that did not make it into the queue).
+    pub fn release(&self, queue_id: &str) {
+        self.lock().ids.remove(queue_id);
+        self.changed.notify_all();
+    }
+
+    /// Add a due message for `destination`; false when it is already
+    /// queued (a scanned one) or the queue stopped.
+    pub fn push(&self, destination: String, message: Message, admission: Admission) -> bool {
+        let mut inner = self.lock();
+        let id = message.control.queue_id.clone();
+        if admission == Admission::Scanned && inner.ids.contains(&id) {
+            return false;
+        }
+        while admission != Admission::Notice
+            && !inner.stopping
+            && inner.waiting > 0
+            && self.full(&inner, &message)
+        {
+            inner = self.wait(inner);
+        }
+        if inner.stopping {
+            inner.ids.remove(&id);
+            return false;
+        }
+        inner.ids.insert(id);
+        inner.waiting += 1;
+        inner.memory += message.memory();
+        let entry = inner.destinations.entry(destination.clone()).or_default();
+        let was_idle = entry.waiting.is_empty();
+        entry.waiting.push_back(message);
+        if was_idle {
+            inner.ready.push_back(destination);
+        }
+        drop(inner);
+        self.changed.notify_all();
+        true
+    }
+
+    fn full(&self, inner: &Inner, message: &Message) -> bool {
+        inner.waiting >= self.limits.max_waiting
+            || inner.memory + message.memory() > self.limits.max_memory
+    }
+
+    /// The next batch of lanes; waits until one can be formed. `None` when
+    /// the queue stopped, or when nothing waits, nothing is in flight and no
+    /// producer is left (the end of a `--once` pass).
+    pub fn next_batch(&self) -> Option<Vec<Lane>> {
+        let mut inner = self.lock();
+        loop {
+            if inner.stopping {
+                return None;
+            }
+            let lanes = self.form_batch(&mut inner);
+            if !lanes.is_empty() {
+                inner.batches += 1;
+                return Some(lanes);
+            }
+            if inner.producers == 0 && inner.waiting == 0 && inner.batches == 0 {
+                // Wake the other workers: they are done too.
+                self.changed.notify_all();
+                return None;
+            }
+            inner = self.wait(inner);
+        }
+    }
+
+    fn form_batch(&self, inner: &mut Inner) -> Vec<Lane> {
+        let limits = &self.limits;
+        let mut lanes = Vec::new();
+        let mut bytes = 0u64;
+        let mut turns = inner.ready.len();
+        while turns > 0
+            && lanes.len() < limits.lanes_per_call
+            && inner.connections < limits.max_connections
+        {
+            turns -= 1;
+            let Some(key) = inner.ready.pop_front() else {
+                break;
+            };
+            let Some(destination) = inner.destinations.get_mut(&key) else {
+                continue;
+            };
+            if destination.lanes >= limits.max_per_destination {
+                inner.ready.push_back(key);
+                continue;
+            }
+            let mut messages = Vec::new();
+            let mut memory = 0;
+            while messages.len() < limits.messages_per_lane {
+                let Some(next) = destination.waiting.front() else {
+                    break;
+                };
+                let size = next.size();
+                // The first message of a call always goes, whatever its size.
+                if bytes > 0 && bytes + size > limits.bytes_per_call {
+                    break;
+                }
+                bytes += size;
+                if let Some(message) = destination.waiting.pop_front() {
+                    memory += message.memory();
+                    messages.push(message);
+                }
+            }
+            let more = !destination.waiting.is_empty();
+            if messages.is_empty() {
+                // Over the byte budget: this destination starts the next call.
+                inner.ready.push_front(key);
+                break;
+            }
+            destination.lanes += 1;
+            inner.connections += 1;
+            inner.waiting -= messages.len();
+            inner.memory -= memory;
+            if more {
+                inner.ready.push_back(key.clone());
+            }
+            lanes.push(Lane {
+                destination: key,
+                messages,
+            });
+        }
+        if !lanes.is_empty() {
+            // Producers may be waiting for room.
+            self.changed.notify_all();
+        }
+        lanes
+    }
+
+    /// Every message of a lane is recorded: its connection is free, and its
+    /// messages leave the queue (a deferred one comes back with the scan).
+    pub fn lane_done<'a>(&self, destination: &str, queue_ids: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.lock();
+        for id in queue_ids {
+            inner.ids.remove(id);
+        }
+        inner.connections = inner.connections.saturating_sub(1);
+        if let Some(entry) = inner.destinations.get_mut(destination) {
+            entry.lanes = entry.lanes.saturating_sub(1);
+            if entry.lanes == 0 && entry.waiting.is_empty() {
+                inner.destinations.remove(destination);
+            }
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// A batch is over (its lanes are all done).
+    pub fn batch_done(&self) {
+        let mut inner = self.lock();
+        inner.batches = inner.batches.saturating_sub(1);
+        drop(inner);
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 4,
+            max_per_destination: 2,
+            lanes_per_call: 3,
+            messages_per_lane: 2,
+            bytes_per_call: 1 << 20,
+            max_waiting: 100,
+            max_memory: 1 << 20,
+        }
+    }
+
+    fn message(id: &str) -> Message {
+        Message {
+            control: Control {
+                queue_id: id.to_string(),
+                original_name: format!("{id}.eml"),
+                sender: String::new(),
+                recipients: Vec::new(),
+                attempts: 0,
+                first_seen_ms: 0,
+                next_attempt_ms: 0,
+                delay_notice_sent: false,
+                size: 100,
+            },
+            fresh: None,
+        }
+    }
+
+    fn ids(lane: &Lane) -> Vec<&str> {
+        lane.messages
+            .iter()
+            .map(|m| m.control.queue_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn batches_take_one_lane_per_destination_within_the_limits() {
+        let queue = ActiveQueue::new(limits());
+        for (id, destination) in [
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("c1", "c"),
+            ("d1", "d"),
+        ] {
+            assert!(queue.push(destination.into(), message(id), Admission::Scanned));
+        }
+        assert!(
+            !queue.push("a".into(), message("a1"), Admission::Scanned),
+            "already queued"
+        );
+        let first = queue.next_batch().unwrap();
+        let got: Vec<(&str, Vec<&str>)> = first
+            .iter()
+            .map(|l| (l.destination.as_str(), ids(l)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", vec!["a1", "a2"]),
+                ("b", vec!["b1"]),
+                ("c", vec!["c1"])
+            ]
+        );
+        // One connection left in all: destination d, then a's second lane waits.
+        let second = queue.next_batch().unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].destination, "d");
+        queue.lane_done("b", ["b1"]);
+        let third = queue.next_batch().unwrap();
+        assert_eq!(
+            (third[0].destination.as_str(), ids(&third[0])),
+            ("a", vec!["a3"])
+        );
+        assert!(!queue.contains("b1") && queue.contains("a1"));
+    }
+
+    #[test]
+    fn the_queue_drains_when_producers_are_done() {
+        let queue = ActiveQueue::new(limits());
+        queue.producer_started();
+        queue.push("a".into(), message("a1"), Admission::Scanned);
+        queue.producer_done();
+        let batch = queue.next_batch().unwrap();
+        queue.lane_done("a", ["a1"]);
+        queue.batch_done();
+        drop(batch);
+        assert!(queue.next_batch().is_none());
+    }
+
+    #[test]
+    fn a_full_queue_holds_producers_back_until_a_batch_leaves() {
+        let queue = Arc::new(ActiveQueue::new(Limits {
+            max_waiting: 1,
+            ..limits()
+        }));
+        queue.push("a".into(), message("a1"), Admission::Scanned);
+        let producer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.push("b".into(), message("b1"), Admission::Scanned))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!queue.contains("b1"), "the producer waits for room");
+        let batch = queue.next_batch().unwrap();
+        assert!(producer.join().unwrap());
+        assert_eq!(batch[0].destination, "a");
+        assert!(queue.contains("b1"));
+    }
+}
