@@ -522,26 +522,31 @@ mod relay_world {
         }
 
         fn accept(
-            file: String,
-            queue_id: String,
+            files: Vec<exports::ClaimedFile>,
             o: exports::RelayOptions,
-        ) -> Result<exports::Accepted, exports::Rejection> {
-            match relay::accept(&mut Imports, &file, &queue_id, &options(o)) {
-                Ok(a) => Ok(exports::Accepted {
-                    envelope: a.envelope.into(),
-                    message: a.message,
-                    warnings: a.warnings,
-                }),
-                Err(r) => Err(exports::Rejection {
-                    code: r.code,
-                    text: r.text,
-                    temporary: r.temporary,
-                    notice: r.notice.map(|n| wit::Notice {
-                        recipient: n.recipient,
-                        message: n.message,
-                    }),
-                }),
-            }
+        ) -> Vec<Result<exports::Accepted, exports::Rejection>> {
+            let options = options(o);
+            files
+                .into_iter()
+                .map(
+                    |f| match relay::accept(&mut Imports, &f.file, &f.queue_id, &options) {
+                        Ok(a) => Ok(exports::Accepted {
+                            envelope: a.envelope.into(),
+                            message: a.message,
+                            warnings: a.warnings,
+                        }),
+                        Err(r) => Err(exports::Rejection {
+                            code: r.code,
+                            text: r.text,
+                            temporary: r.temporary,
+                            notice: r.notice.map(|n| wit::Notice {
+                                recipient: n.recipient,
+                                message: n.message,
+                            }),
+                        }),
+                    },
+                )
+                .collect()
         }
 
         fn deliver(messages: Vec<wit::QueuedMessage>, o: exports::RelayOptions) {

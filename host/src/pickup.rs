@@ -28,12 +28,18 @@ use crate::mailroot::{Entry, Folder, Listing};
 use crate::qmgr::{ActiveQueue, Admission, Fresh, Message};
 use crate::queue::{self, Control, Recipient, State, new_queue_id};
 use crate::relay::Relay;
+use crate::runtime::CallError;
+use crate::runtime::bindings::exports::mailroot::relay::stages::{
+    Accepted, ClaimedFile, Rejection,
+};
 
 /// Files claimed and accepted together: one component call, and for the
 /// messages written to the queue, one filesystem sync.
 const CHUNK_FILES: usize = 64;
-/// Bytes claimed together at most (beyond the first file).
-const CHUNK_BYTES: u64 = 32 << 20;
+/// Bytes claimed together at most (beyond the first file), as a share of
+/// the component's memory limit: the call holds each file, its parse and
+/// its cleaned copy, and every result until it returns.
+const CHUNK_MEMORY_SHARE: u64 = 8;
 /// Files read from the Pickup listing at a time.
 const LISTING_SLICE: usize = 1024;
 /// Messages up to this size are held in memory until delivered (the
@@ -172,13 +178,15 @@ impl<'a> Pickup<'a> {
         if source.entries.is_empty() {
             self.refill(&mut source);
         }
+        let chunk_bytes =
+            self.relay.settings.component_limits.memory_bytes as u64 / CHUNK_MEMORY_SHARE;
         let mut chunk = Vec::new();
         let mut bytes = 0;
         while chunk.len() < CHUNK_FILES {
             let Some(entry) = source.entries.front() else {
                 break;
             };
-            if !chunk.is_empty() && bytes + entry.size > CHUNK_BYTES {
+            if !chunk.is_empty() && bytes + entry.size > chunk_bytes {
                 break;
             }
             bytes += entry.size;
@@ -268,8 +276,8 @@ impl<'a> Pickup<'a> {
         let mut results = Vec::with_capacity(chunk.len());
         let mut fresh = Vec::new();
         let mut written = Vec::new();
-        for claimed in chunk {
-            match prepare(relay, &self.active, claimed) {
+        for (claimed, prepared) in chunk.iter().zip(prepare_chunk(relay, &self.active, chunk)) {
+            match prepared {
                 Prepared::Done(acceptance) => {
                     self.active.release(&claimed.queue_id);
                     results.push(acceptance);
@@ -447,7 +455,87 @@ enum Prepared {
     Ready(Control, Vec<u8>),
 }
 
-fn prepare(relay: &Relay, active: &ActiveQueue, claimed: &Claimed) -> Prepared {
+/// The component's verdicts on a chunk of claimed files, in order: one
+/// call for the chunk, and one call per file when that call fails, so that
+/// a file that makes the component fail is found and counted alone.
+fn prepare_chunk(relay: &Relay, active: &ActiveQueue, chunk: &[Claimed]) -> Vec<Prepared> {
+    let mut prepared: Vec<Option<Prepared>> = chunk
+        .iter()
+        .map(|claimed| take_over_committed(relay, claimed))
+        .collect();
+    let (indexes, files): (Vec<usize>, Vec<ClaimedFile>) = chunk
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| prepared.get(*index).is_some_and(Option::is_none))
+        .map(|(index, claimed)| {
+            let file = ClaimedFile {
+                file: claimed.file.clone(),
+                queue_id: claimed.queue_id.clone(),
+            };
+            (index, file)
+        })
+        .unzip();
+    let verdicts = match relay.runtime.accept(&files, &relay.options) {
+        Ok(verdicts) => verdicts.into_iter().map(Ok).collect(),
+        Err(e) if files.len() == 1 => vec![Err(e)],
+        Err(e) => {
+            logging::warn(&format!(
+                "the component failed on a chunk of {} files ({e}); trying them one by one",
+                files.len()
+            ));
+            files
+                .iter()
+                .map(|file| {
+                    relay
+                        .runtime
+                        .accept(std::slice::from_ref(file), &relay.options)
+                        .and_then(|mut one| {
+                            one.pop().ok_or_else(|| CallError::Trap("no result".into()))
+                        })
+                })
+                .collect()
+        }
+    };
+    for (index, verdict) in indexes.into_iter().zip(verdicts) {
+        if let (Some(slot), Some(claimed)) = (prepared.get_mut(index), chunk.get(index)) {
+            *slot = Some(judge(relay, active, claimed, verdict));
+        }
+    }
+    prepared
+        .into_iter()
+        .map(|p| p.unwrap_or(Prepared::Done(Acceptance::Retry)))
+        .collect()
+}
+
+/// A claimed file whose message was committed before the relay stopped:
+/// only the claimed file was left. `None` for a file still to accept.
+fn take_over_committed(relay: &Relay, claimed: &Claimed) -> Option<Prepared> {
+    let id = &claimed.queue_id;
+    if !relay.queue.is_committed(id) {
+        return None;
+    }
+    Some(
+        match relay
+            .queue
+            .remove_claimed(&claimed.file)
+            .and_then(|()| relay.queue.load(id))
+        {
+            Ok(control) => Prepared::Committed(control),
+            Err(e) => {
+                logging::error(&format!("{id}: cannot take over {}: {e}", claimed.file));
+                Prepared::Done(Acceptance::Retry)
+            }
+        },
+    )
+}
+
+/// What the component's verdict on one claimed file means for it.
+fn judge(
+    relay: &Relay,
+    active: &ActiveQueue,
+    claimed: &Claimed,
+    verdict: Result<Result<Accepted, Rejection>, CallError>,
+) -> Prepared {
     let now_ms = relay.clock.now_ms();
     let id = &claimed.queue_id;
     let rejected = |code: &str, text: String| {
@@ -469,20 +557,7 @@ fn prepare(relay: &Relay, active: &ActiveQueue, claimed: &Claimed) -> Prepared {
             }
         }
     };
-    if relay.queue.is_committed(id) {
-        return match relay
-            .queue
-            .remove_claimed(&claimed.file)
-            .and_then(|()| relay.queue.load(id))
-        {
-            Ok(control) => Prepared::Committed(control),
-            Err(e) => {
-                logging::error(&format!("{id}: cannot take over {}: {e}", claimed.file));
-                Prepared::Done(Acceptance::Retry)
-            }
-        };
-    }
-    let accepted = match relay.runtime.accept(&claimed.file, id, &relay.options) {
+    let accepted = match verdict {
         Err(e) => {
             logging::error(&format!("{id}: {e}; the file stays queued"));
             if relay.component_failed(id) {

@@ -275,18 +275,26 @@ impl Runtime {
         })
     }
 
-    /// The `accept` stage for the claimed file `file` of the Queue folder.
+    /// The `accept` stage for claimed files of the Queue folder, in one call.
     pub fn accept(
         &self,
-        file: &str,
-        queue_id: &str,
+        files: &[stages::ClaimedFile],
         options: &stages::RelayOptions,
-    ) -> Result<Result<stages::Accepted, stages::Rejection>, CallError> {
-        self.contain(self.instantiate(queue_id).and_then(|(mut store, relay)| {
+    ) -> Result<Vec<Result<stages::Accepted, stages::Rejection>>, CallError> {
+        let context = files.first().map_or("accept", |f| f.queue_id.as_str());
+        let results = self.contain(self.instantiate(context).and_then(|(mut store, relay)| {
             relay
                 .mailroot_relay_stages()
-                .call_accept(&mut store, file, queue_id, options)
-        }))
+                .call_accept(&mut store, files, options)
+        }))?;
+        if results.len() != files.len() {
+            return Err(CallError::Trap(format!(
+                "accept returned {} results for {} files",
+                results.len(),
+                files.len()
+            )));
+        }
+        Ok(results)
     }
 
     /// The `deliver` stage for a batch of queued messages. `recorder`

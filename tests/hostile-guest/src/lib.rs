@@ -42,12 +42,13 @@ mod hostile {
         }
 
         fn accept(
-            file: String,
-            queue_id: String,
+            files: Vec<stages::ClaimedFile>,
             options: stages::RelayOptions,
-        ) -> Result<stages::Accepted, stages::Rejection> {
-            misbehave_if_asked(&file);
-            <Component as stages::Guest>::accept(file, queue_id, options)
+        ) -> Vec<Result<stages::Accepted, stages::Rejection>> {
+            for claimed in &files {
+                misbehave_if_asked(&claimed.file);
+            }
+            <Component as stages::Guest>::accept(files, options)
         }
 
         fn deliver(messages: Vec<types::QueuedMessage>, options: stages::RelayOptions) {
