@@ -328,6 +328,60 @@ fn a_silent_server_times_out_while_another_domain_is_delivered() {
     );
 }
 
+/// Sixty destinations behind one slow server (every reply takes 0.3 s):
+/// two delivery workers hold all sixty sessions at once, and a connection
+/// limit of twenty is never passed, while every message still arrives.
+#[test]
+fn slow_destinations_are_held_at_once_by_few_workers_within_the_connection_limit() {
+    const DOMAINS: usize = 60;
+    let peer = SmtpPeer::start_with(&["--reply-delay", "0.3"]);
+    let mut records = vec![format!("mx.slow IN A {}", peer.ip)];
+    records.extend((0..DOMAINS).map(|n| format!("s{n} IN MX 10 mx.slow")));
+    let dns = Dns::start(&records, &[]);
+    let drop_all = |root: &TestMailroot, round: &str| {
+        for n in 0..DOMAINS {
+            root.drop_file(
+                &format!("{round}-{n:02}.eml"),
+                &pickup_file(
+                    "s@src.test",
+                    &[&format!("r{n}@s{n}.test")],
+                    &format!("Subject: {round} {n}\r\n\r\nx\r\n"),
+                ),
+            );
+        }
+    };
+
+    let root = TestMailroot::new(&dns);
+    drop_all(&root, "wide");
+    let wide = ["--workers", "2", "--max-connections", "60"];
+    assert_eq!(root.run_once(&wide), 0);
+    assert_eq!(peer.messages().len(), DOMAINS);
+    assert_eq!(
+        peer.peak_connections(),
+        DOMAINS,
+        "two workers held every slow session at once"
+    );
+
+    let peer_before = peer.messages().len();
+    let narrow_peer = SmtpPeer::start_with(&["--reply-delay", "0.3"]);
+    let mut records = vec![format!("mx.slow IN A {}", narrow_peer.ip)];
+    records.extend((0..DOMAINS).map(|n| format!("s{n} IN MX 10 mx.slow")));
+    let dns = Dns::start(&records, &[]);
+    let root = TestMailroot::new(&dns);
+    drop_all(&root, "narrow");
+    assert_eq!(
+        root.run_once(&["--workers", "2", "--max-connections", "20"]),
+        0
+    );
+    assert_eq!(narrow_peer.messages().len(), DOMAINS);
+    assert_eq!(peer.messages().len(), peer_before);
+    let peak = narrow_peer.peak_connections();
+    assert!(
+        (2..=20).contains(&peak),
+        "at most 20 connections at once, and more than one per worker: {peak}"
+    );
+}
+
 #[test]
 fn local_domains_are_written_to_drop() {
     let watcher = SmtpPeer::start();

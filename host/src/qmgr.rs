@@ -18,8 +18,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::queue::Control;
+
+/// How long a worker waits for a short batch to fill while messages are
+/// still coming in: a few accept calls' worth.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
 /// A message due for delivery.
 #[derive(Debug, Clone)]
@@ -223,9 +228,24 @@ impl ActiveQueue {
     /// producer is left (the end of a `--once` pass).
     pub fn next_batch(&self) -> Option<Vec<Lane>> {
         let mut inner = self.lock();
+        let mut window = None;
         loop {
             if inner.stopping {
                 return None;
+            }
+            // A call is only as wide as the lanes there when it starts: while
+            // producers are at work, give a short batch a moment to fill.
+            if inner.producers > 0 && self.available_lanes(&inner) < self.limits.lanes_per_call {
+                let until = *window.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    inner = self
+                        .changed
+                        .wait_timeout(inner, left)
+                        .map(|(guard, _)| guard)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                    continue;
+                }
             }
             let lanes = self.form_batch(&mut inner);
             if !lanes.is_empty() {
@@ -239,6 +259,25 @@ impl ActiveQueue {
             }
             inner = self.wait(inner);
         }
+    }
+
+    /// Lanes a batch formed now would get, at most `lanes_per_call`.
+    fn available_lanes(&self, inner: &Inner) -> usize {
+        let free = self
+            .limits
+            .max_connections
+            .saturating_sub(inner.connections);
+        inner
+            .ready
+            .iter()
+            .filter(|key| {
+                inner
+                    .destinations
+                    .get(*key)
+                    .is_some_and(|d| d.lanes < self.limits.max_per_destination)
+            })
+            .take(self.limits.lanes_per_call.min(free))
+            .count()
     }
 
     fn form_batch(&self, inner: &mut Inner) -> Vec<Lane> {

@@ -241,6 +241,21 @@ impl SmtpPeer {
             .count()
     }
 
+    /// The most connections the server had open at once so far.
+    pub fn peak_connections(&self) -> usize {
+        let mut open = 0usize;
+        let mut peak = 0;
+        for event in self.events() {
+            if event["event"] == "connect" {
+                open += 1;
+                peak = peak.max(open);
+            } else if event["event"] == "disconnect" {
+                open = open.saturating_sub(1);
+            }
+        }
+        peak
+    }
+
     /// Messages the server accepted so far.
     pub fn messages(&self) -> Vec<Received> {
         self.events()

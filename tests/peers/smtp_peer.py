@@ -7,6 +7,11 @@ real servers give: a 4xx to MAIL, a 5xx/4xx to chosen recipients.
 
     smtp_peer.py --listen 127.0.0.2:2525 --out DIR [--mail-reply "451 4.3.2 busy"]
                  [--rcpt-reply "gone@=550 5.1.1 no such user"] [--rcpt-fail-first "later@=1"]
+                 [--reply-delay 0.5]
+
+--reply-delay makes it a slow server: every reply, the greeting included,
+waits that long. Each connection's end is recorded too, so that tests can
+see how many sessions a client held at once.
 """
 import argparse
 import asyncio
@@ -65,9 +70,20 @@ class Recorder:
 
 
 class RecordingSMTP(SMTP):
+    reply_delay = 0.0
+
     def connection_made(self, transport):
         self.event_handler.record("connect", peer=str(transport.get_extra_info("peername")))
         super().connection_made(transport)
+
+    def connection_lost(self, exc):
+        self.event_handler.record("disconnect")
+        super().connection_lost(exc)
+
+    async def push(self, status):
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
+        await super().push(status)
 
 
 async def main():
@@ -82,7 +98,10 @@ async def main():
     parser.add_argument("--no-smtputf8", action="store_true", help="do not offer SMTPUTF8")
     parser.add_argument("--rcpt-fail-first", action="append", default=[],
                         help="PREFIX=N: answer 451 to the first N RCPTs starting with PREFIX")
+    parser.add_argument("--reply-delay", type=float, default=0.0,
+                        help="SECS: wait this long before every reply (a slow server)")
     args = parser.parse_args()
+    RecordingSMTP.reply_delay = args.reply_delay
     host, port = args.listen.rsplit(":", 1)
     rcpt_replies = [tuple(r.split("=", 1)) for r in args.rcpt_reply]
     rcpt_fail_first = [(p, int(n)) for p, n in (r.rsplit("=", 1) for r in args.rcpt_fail_first)]
