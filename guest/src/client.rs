@@ -65,15 +65,15 @@ impl<C: Connection> Sessions<C> {
     async fn keep(&mut self, key: SessionKey, session: Session<C>) {
         if self.idle.len() >= MAX_IDLE_SESSIONS {
             let (_, oldest) = self.idle.remove(0);
-            oldest.quit().await;
+            oldest.quit();
         }
         self.idle.push((key, session));
     }
 
     /// QUIT every idle session.
-    pub async fn close_all(self) {
+    pub fn close_all(self) {
         for (_, session) in self.idle {
-            session.quit().await;
+            session.quit();
         }
     }
 }
@@ -214,7 +214,7 @@ pub async fn deliver_to_target<C: Capabilities>(
             if healthy {
                 sessions.keep(key, session).await;
             } else {
-                session.quit().await;
+                session.quit();
             }
             for (outcome, result) in pending.iter_mut().zip(results) {
                 outcome.result = result;
@@ -353,10 +353,12 @@ impl<C: Connection> Session<C> {
         Ok(())
     }
 
-    /// QUIT is a courtesy; the mail is already accepted or refused.
-    async fn quit(mut self) {
-        let timeout = self.timeouts.mail.min(10_000);
-        let _ = self.exchange("QUIT", b"QUIT\r\n", timeout).await;
+    /// QUIT is a courtesy; the mail is already accepted or refused. As
+    /// Postfix does by default (`smtp_skip_quit_response`), the reply is not
+    /// awaited: the connection closes at once, so a slow server does not
+    /// hold it (and its share of the connection limit) any longer.
+    fn quit(mut self) {
+        let _ = self.conn.send(b"QUIT\r\n", self.timeouts.mail);
     }
 }
 
@@ -404,7 +406,7 @@ async fn open_session<K: Capabilities>(
         TlsMode::Opportunistic => try_tls && session.extensions.starttls,
         TlsMode::Required | TlsMode::Verify => {
             if !session.extensions.starttls {
-                session.quit().await;
+                session.quit();
                 return Err(Opening::Failed(Failure::temporary(
                     "4.7.0",
                     format!(

@@ -468,6 +468,13 @@ mod relay_world {
             queue::record_attempt(u32::try_from(index).unwrap_or(u32::MAX), &report);
         }
 
+        fn more_messages(&mut self) -> Vec<relay::QueuedMessage> {
+            queue::more_messages()
+                .into_iter()
+                .map(queued_message)
+                .collect()
+        }
+
         fn log(&mut self, level: Level, message: &str) {
             let level = match level {
                 Level::Debug => log::Level::Debug,
@@ -476,6 +483,20 @@ mod relay_world {
                 Level::Error => log::Level::Error,
             };
             log::write(level, message);
+        }
+    }
+
+    fn queued_message(m: wit::QueuedMessage) -> relay::QueuedMessage {
+        relay::QueuedMessage {
+            file: m.file,
+            sender: m.sender,
+            recipients: m.recipients,
+            state: relay::QueueState {
+                queue_id: m.state.queue_id,
+                attempts: m.state.attempts,
+                arrival_ms: m.state.arrival_ms,
+                delay_notice_sent: m.state.delay_notice_sent,
+            },
         }
     }
 
@@ -550,21 +571,8 @@ mod relay_world {
         }
 
         fn deliver(messages: Vec<wit::QueuedMessage>, o: exports::RelayOptions) {
-            let messages: Vec<relay::QueuedMessage> = messages
-                .into_iter()
-                .map(|m| relay::QueuedMessage {
-                    file: m.file,
-                    sender: m.sender,
-                    recipients: m.recipients,
-                    state: relay::QueueState {
-                        queue_id: m.state.queue_id,
-                        attempts: m.state.attempts,
-                        arrival_ms: m.state.arrival_ms,
-                        delay_notice_sent: m.state.delay_notice_sent,
-                    },
-                })
-                .collect();
-            relay::deliver_batch(&mut Imports, &messages, &options(o));
+            let messages = messages.into_iter().map(queued_message).collect();
+            relay::deliver_batch(&mut Imports, messages, &options(o));
         }
     }
 }

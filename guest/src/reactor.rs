@@ -91,6 +91,32 @@ pub fn run_all<'a, T, W: Waiter + ?Sized>(
     waiter: &RefCell<&mut W>,
     tasks: Vec<Task<'a, T>>,
 ) -> Vec<T> {
+    run(waiter, tasks, None)
+}
+
+/// How often a growing run asks for more tasks while all of its tasks wait
+/// (a task that finishes makes it ask at once).
+pub const ASK_INTERVAL_MS: u64 = 50;
+
+/// As [`run_all`], and the work may grow while it runs: `more` is asked for
+/// further tasks whenever a task has finished or [`ASK_INTERVAL_MS`] passed,
+/// at a moment when every task waits. The run ends when every task is done
+/// and `more` has nothing left. This is how one call keeps its connections
+/// busy: a slow destination holds a socket, and the call takes on new
+/// destinations beside it instead of a worker waiting for it.
+pub fn run_growing<'a, T, W: Waiter + ?Sized>(
+    waiter: &RefCell<&mut W>,
+    tasks: Vec<Task<'a, T>>,
+    more: &mut dyn FnMut() -> Vec<Task<'a, T>>,
+) -> Vec<T> {
+    run(waiter, tasks, Some(more))
+}
+
+fn run<'a, T, W: Waiter + ?Sized>(
+    waiter: &RefCell<&mut W>,
+    tasks: Vec<Task<'a, T>>,
+    mut more: Option<&mut dyn FnMut() -> Vec<Task<'a, T>>>,
+) -> Vec<T> {
     let count = tasks.len();
     let mut tasks: Vec<Option<Task<'a, T>>> = tasks.into_iter().map(Some).collect();
     let mut results: Vec<Option<T>> = (0..count).map(|_| None).collect();
@@ -105,7 +131,9 @@ pub fn run_all<'a, T, W: Waiter + ?Sized>(
     let mut runnable: Vec<usize> = (0..count).collect();
     let mut context = Context::from_waker(Waker::noop());
     let mut left = count;
-    while left > 0 {
+    let mut asked_ms = started;
+    let mut finished_since_ask = false;
+    loop {
         for index in runnable.drain(..) {
             let Some(Some(task)) = tasks.get_mut(index) else {
                 continue;
@@ -123,6 +151,26 @@ pub fn run_all<'a, T, W: Waiter + ?Sized>(
                     *result = Some(value);
                 }
                 left -= 1;
+                finished_since_ask = true;
+            }
+        }
+        if let Some(more) = more.as_mut() {
+            let now = now_ms();
+            if left == 0 || finished_since_ask || now >= asked_ms.saturating_add(ASK_INTERVAL_MS) {
+                asked_ms = now;
+                finished_since_ask = false;
+                let added = more();
+                if !added.is_empty() {
+                    let first = tasks.len();
+                    left += added.len();
+                    for task in added {
+                        tasks.push(Some(task));
+                        results.push(None);
+                    }
+                    REGISTRY.with(|r| r.borrow_mut().waits.resize(tasks.len(), None));
+                    runnable = (first..tasks.len()).collect();
+                    continue;
+                }
             }
         }
         if left == 0 {
@@ -138,6 +186,11 @@ pub fn run_all<'a, T, W: Waiter + ?Sized>(
         });
         let now = now_ms();
         let earliest = waits.iter().map(|(_, w)| w.deadline_ms).min();
+        // A growing run wakes in time to ask again.
+        let earliest = match (earliest, more.is_some()) {
+            (Some(deadline), true) => Some(deadline.min(asked_ms.saturating_add(ASK_INTERVAL_MS))),
+            (deadline, _) => deadline,
+        };
         let ready = match earliest {
             Some(deadline) => {
                 let timeout = u32::try_from(deadline.saturating_sub(now)).unwrap_or(u32::MAX);
@@ -150,7 +203,7 @@ pub fn run_all<'a, T, W: Waiter + ?Sized>(
         let now = waiter.borrow_mut().monotonic_ms();
         REGISTRY.with(|r| r.borrow_mut().now_ms = now);
         runnable = if waits.is_empty() {
-            (0..count)
+            (0..tasks.len())
                 .filter(|&i| tasks.get(i).is_some_and(Option::is_some))
                 .collect()
         } else {

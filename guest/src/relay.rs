@@ -61,6 +61,9 @@ pub trait Capabilities: Waiter {
     fn log(&mut self, level: Level, message: &str);
     /// The attempt on message `index` of a batch is over: record it now.
     fn record_attempt(&mut self, index: usize, report: DeliveryReport);
+    /// More messages for the batch under way, if the host has them; their
+    /// indexes follow the batch's last one.
+    fn more_messages(&mut self) -> Vec<QueuedMessage>;
 }
 
 /// SMTP client timeouts in milliseconds (RFC 5321 4.5.3.2).
@@ -391,6 +394,9 @@ impl<C: Capabilities> Capabilities for DnsMemo<'_, C> {
     fn record_attempt(&mut self, index: usize, report: DeliveryReport) {
         self.inner.record_attempt(index, report)
     }
+    fn more_messages(&mut self) -> Vec<QueuedMessage> {
+        self.inner.more_messages()
+    }
 }
 
 /// One message of a batch.
@@ -412,54 +418,83 @@ pub struct QueuedMessage {
 /// task of its own: the domains are delivered concurrently (each waiting on
 /// its own server, see [`reactor`]), the messages of one domain in turn over
 /// the same connection, with an RSET between them.
-pub fn deliver_batch<C: Capabilities>(caps: &mut C, messages: &[QueuedMessage], options: &Options) {
+///
+/// The batch grows while it runs: the host hands over more messages
+/// ([`Capabilities::more_messages`]) as its connections free up, and they
+/// start beside the ones still waiting on slow servers.
+pub fn deliver_batch<C: Capabilities>(
+    caps: &mut C,
+    messages: Vec<QueuedMessage>,
+    options: &Options,
+) {
     // The messages of a batch mostly share destinations: ask DNS once per
     // name per batch (a batch lasts seconds, far below any useful TTL).
     let mut memo = DnsMemo::new(caps);
     let caps = RefCell::new(&mut memo);
     let seed = caps.borrow_mut().now_ms();
+    let progress = RefCell::new(Vec::new());
+    let first = domain_tasks(&caps, &progress, messages, seed, options);
+    // The host hands over more messages while the call runs (the lanes it
+    // let this call take on); their indexes continue the batch's.
+    let mut more = || {
+        let messages = caps.borrow_mut().more_messages();
+        domain_tasks(&caps, &progress, messages, seed, options)
+    };
+    reactor::run_growing(&caps, first, &mut more);
+}
+
+/// The tasks for `messages`, which continue the batch: one per domain, and
+/// one for each message without recipients (it only needs its report).
+fn domain_tasks<'a, C: Capabilities>(
+    caps: &'a RefCell<&mut C>,
+    progress: &'a RefCell<Vec<InProgress>>,
+    messages: Vec<QueuedMessage>,
+    seed: u64,
+    options: &'a Options,
+) -> Vec<reactor::Task<'a, ()>> {
+    let mut tasks: Vec<reactor::Task<'a, ()>> = Vec::new();
     let mut domains: Vec<(String, Vec<DomainItem>)> = Vec::new();
     let mut domain_index: HashMap<String, usize> = HashMap::new();
-    let mut progress = Vec::with_capacity(messages.len());
-    for (index, m) in messages.iter().enumerate() {
+    for m in messages {
+        let m = Rc::new(m);
         let groups = route::group_by_domain(&m.recipients);
-        progress.push(InProgress {
-            bytes: None,
-            outcomes: Vec::new(),
-            domains_left: groups.len(),
-        });
+        let index = {
+            let mut progress = progress.borrow_mut();
+            progress.push(InProgress {
+                bytes: None,
+                outcomes: Vec::new(),
+                domains_left: groups.len().max(1),
+            });
+            progress.len() - 1
+        };
+        if groups.is_empty() {
+            tasks.push(Box::pin(async move {
+                finish_part(caps, progress, &m, index, Vec::new(), options)
+            }));
+            continue;
+        }
         for (domain, group) in groups {
+            let item = (index, m.clone(), group);
             match domain_index.get(&domain).and_then(|&i| domains.get_mut(i)) {
-                Some((_, items)) => items.push((index, group)),
+                Some((_, items)) => items.push(item),
                 None => {
                     domain_index.insert(domain.clone(), domains.len());
-                    domains.push((domain, vec![(index, group)]));
+                    domains.push((domain, vec![item]));
                 }
             }
         }
     }
-    let progress = RefCell::new(progress);
-    let tasks: Vec<reactor::Task<'_, ()>> = domains
-        .into_iter()
-        .map(|(domain, items)| {
-            Box::pin(deliver_domain(
-                &caps, &progress, messages, domain, items, seed, options,
-            )) as reactor::Task<'_, ()>
-        })
-        .collect();
-    reactor::run_all(&caps, tasks);
-    // A message without recipients has nothing to wait for.
-    for (index, m) in messages.iter().enumerate() {
-        if m.recipients.is_empty() {
-            let report = finish_report(&mut **caps.borrow_mut(), m, Vec::new(), &[], options);
-            caps.borrow_mut().record_attempt(index, report);
-        }
+    for (domain, items) in domains {
+        tasks.push(Box::pin(deliver_domain(
+            caps, progress, domain, items, seed, options,
+        )));
     }
+    tasks
 }
 
 /// One message's recipients at one domain: the message's index in the
-/// batch and the recipients.
-type DomainItem = (usize, Vec<String>);
+/// batch, the message and the recipients.
+type DomainItem = (usize, Rc<QueuedMessage>, Vec<String>);
 
 /// A message of a batch while its domains are being delivered.
 struct InProgress {
@@ -472,11 +507,9 @@ struct InProgress {
 }
 
 /// The task of one domain: its recipients in every message of the batch.
-#[allow(clippy::too_many_arguments)]
 async fn deliver_domain<C: Capabilities>(
     caps: &RefCell<&mut C>,
     progress: &RefCell<Vec<InProgress>>,
-    messages: &[QueuedMessage],
     domain: String,
     items: Vec<DomainItem>,
     seed: u64,
@@ -494,10 +527,8 @@ async fn deliver_domain<C: Capabilities>(
             .log(Level::Info, &format!("{domain}: {}", failure.text));
     }
     let mut sessions = Sessions::default();
-    for (index, recipients) in items {
-        let Some(queued) = messages.get(index) else {
-            continue;
-        };
+    let last = items.len().saturating_sub(1);
+    for (position, (index, queued, recipients)) in items.into_iter().enumerate() {
         let message = message_bytes(caps, progress, index, &queued.file);
         let outcomes = match (&message, &resolved) {
             (Err(failure), _) | (Ok(_), Err(failure)) => recipients
@@ -521,9 +552,13 @@ async fn deliver_domain<C: Capabilities>(
             }
         };
         drop(message);
-        finish_part(caps, progress, messages, index, outcomes, options);
+        if position == last {
+            // Closed before the last report: the host counts the connection
+            // as free once that report is in.
+            std::mem::take(&mut sessions).close_all();
+        }
+        finish_part(caps, progress, &queued, index, outcomes, options);
     }
-    sessions.close_all().await;
 }
 
 /// The bytes of message `index`, read once for all its domains.
@@ -557,13 +592,13 @@ fn message_bytes<C: Capabilities>(
 fn finish_part<C: Capabilities>(
     caps: &RefCell<&mut C>,
     progress: &RefCell<Vec<InProgress>>,
-    messages: &[QueuedMessage],
+    queued: &QueuedMessage,
     index: usize,
     outcomes: Vec<RecipientOutcome>,
     options: &Options,
 ) {
     let mut all = progress.borrow_mut();
-    let (Some(queued), Some(entry)) = (messages.get(index), all.get_mut(index)) else {
+    let Some(entry) = all.get_mut(index) else {
         return;
     };
     entry.outcomes.extend(outcomes);

@@ -80,105 +80,32 @@ pub struct Spool {
     pub next_due_ms: Arc<AtomicU64>,
 }
 
+/// Messages one call takes on at most, first batch and additions together:
+/// the component keeps a little state per message until the call ends.
+const MAX_MESSAGES_PER_CALL: usize = 4096;
+
 /// Attempt the lanes of a batch in one component call, so that each lane's
-/// messages share a connection and the lanes run concurrently. Returns the
-/// attempt of every message; lanes are released to `active` as their last
-/// message is recorded, and DSNs are queued into it.
+/// messages share a connection and the lanes run concurrently; while it
+/// runs, the call takes on more lanes as its own finish (up to its share of
+/// the connections). Returns the attempt of every message; lanes are
+/// released to `active` as their last message is recorded, and DSNs are
+/// queued into it.
 pub fn attempt_batch(relay: &Relay, active: &Arc<ActiveQueue>, lanes: Vec<Lane>) -> Vec<Attempt> {
-    let spool = relay.spool();
-    let mut attempts = Vec::new();
-    let mut entries = Vec::new();
-    let mut lane_states = Vec::with_capacity(lanes.len());
-    for (lane_index, lane) in lanes.into_iter().enumerate() {
-        let ids = lane
-            .messages
-            .iter()
-            .map(|m| m.control.queue_id.clone())
-            .collect();
-        let mut left = 0;
-        for message in lane.messages {
-            if message.control.pending().is_empty() {
-                // Every recipient was final already (a crash after the last attempt).
-                attempts.push(finish(&spool, &message.control, message.fresh.as_ref()));
-                continue;
-            }
-            left += 1;
-            let pending = message.control.pending();
-            entries.push(Some(Entry {
-                message,
-                pending,
-                lane: lane_index,
-            }));
-        }
-        lane_states.push(LaneState {
-            destination: lane.destination,
-            ids,
-            left,
-        });
-    }
     let mut recorder = Recorder {
-        spool,
+        spool: relay.spool(),
         active: active.clone(),
-        entries,
-        lanes: lane_states,
+        entries: Vec::new(),
+        lanes: Vec::new(),
+        open_lanes: 0,
         attempts: Vec::new(),
+        staged: HashMap::new(),
+        markers: Vec::new(),
     };
-    for index in 0..recorder.lanes.len() {
-        recorder.release_if_done(index);
+    let messages = recorder.add_lanes(lanes);
+    if messages.is_empty() {
+        return recorder.attempts;
     }
-    if recorder.entries.is_empty() {
-        attempts.extend(recorder.attempts);
-        return attempts;
-    }
-    let messages: Vec<QueuedMessage> = recorder
-        .entries
-        .iter()
-        .flatten()
-        .map(|e| {
-            let c = &e.message.control;
-            QueuedMessage {
-                file: queue::message_file(&c.queue_id),
-                sender: c.sender.clone(),
-                recipients: e.pending.clone(),
-                state: QueueState {
-                    queue_id: c.queue_id.clone(),
-                    attempts: c.attempts,
-                    arrival_ms: c.first_seen_ms,
-                    delay_notice_sent: c.delay_notice_sent,
-                },
-            }
-        })
-        .collect();
-    // Fresh messages are read from memory, as if they were in the queue.
-    let staged: HashMap<String, Arc<[u8]>> = recorder
-        .entries
-        .iter()
-        .flatten()
-        .filter_map(|e| {
-            let fresh = e.message.fresh.as_ref()?;
-            Some((
-                queue::message_file(&e.message.control.queue_id),
-                fresh.message.clone(),
-            ))
-        })
-        .collect();
-    let batch_id = messages
-        .first()
-        .map(|m| m.state.queue_id.clone())
-        .unwrap_or_default();
-    let marked = relay.queue.mark_in_flight(
-        &batch_id,
-        messages.iter().map(|m| m.state.queue_id.as_str()),
-    );
-    if let Err(e) = marked {
-        logging::warn(&format!(
-            "{batch_id}: cannot mark the attempt in flight: {e}"
-        ));
-    }
-    let (mut recorder, outcome) =
-        relay
-            .runtime
-            .deliver(&messages, &relay.options, recorder, staged);
+    let (mut recorder, outcome) = relay.runtime.deliver(&messages, &relay.options, recorder);
     let now_ms = relay.clock.now_ms();
     // Whatever the component did not report on failed with it.
     let error = match &outcome {
@@ -192,9 +119,10 @@ pub fn attempt_batch(relay: &Relay, active: &Arc<ActiveQueue>, lanes: Vec<Lane>)
         let attempt = component_failed(&recorder.spool, entry.message, &error, now_ms);
         recorder.finished(entry.lane, attempt);
     }
-    let _ = relay.queue.clear_in_flight(&batch_id);
-    attempts.extend(recorder.attempts);
-    attempts
+    for marker in &recorder.markers {
+        let _ = recorder.spool.queue.clear_in_flight(marker);
+    }
+    recorder.attempts
 }
 
 /// A message of a batch, until its report is recorded.
@@ -213,19 +141,130 @@ struct LaneState {
     left: usize,
 }
 
-/// Stores each report of a `deliver` call as the component hands it over
-/// (`queue.record-attempt`), while the call goes on, and frees each lane's
-/// connection in the active queue once its last message is recorded.
+/// The host's side of one `deliver` call: it hands the component its
+/// messages (the first batch, then more as lanes free up), serves the fresh
+/// ones from memory, stores each report as the component hands it over
+/// (`queue.record-attempt`), and frees each lane's connection in the active
+/// queue once its last message is recorded.
 pub struct Recorder {
     spool: Spool,
     active: Arc<ActiveQueue>,
     /// By the index the component knows each message by.
     entries: Vec<Option<Entry>>,
     lanes: Vec<LaneState>,
+    /// Lanes handed over and not yet done.
+    open_lanes: usize,
     attempts: Vec<Attempt>,
+    /// Messages only in memory, by their Queue file name, until recorded.
+    staged: HashMap<String, Arc<[u8]>>,
+    /// The in-flight markers written for this call.
+    markers: Vec<String>,
 }
 
 impl Recorder {
+    /// Take `lanes` into the call: their messages, as the component is to
+    /// get them, in the order of their indexes. A message with nothing left
+    /// to offer is finished at once.
+    fn add_lanes(&mut self, lanes: Vec<Lane>) -> Vec<QueuedMessage> {
+        let first = self.entries.len();
+        let mut lane_indexes = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            let lane_index = self.lanes.len();
+            let ids = lane
+                .messages
+                .iter()
+                .map(|m| m.control.queue_id.clone())
+                .collect();
+            self.lanes.push(LaneState {
+                destination: lane.destination,
+                ids,
+                left: 0,
+            });
+            self.open_lanes += 1;
+            lane_indexes.push(lane_index);
+            for message in lane.messages {
+                if message.control.pending().is_empty() {
+                    // Every recipient was final already (a crash after the last attempt).
+                    let attempt = finish(&self.spool, &message.control, message.fresh.as_ref());
+                    self.attempts.push(attempt);
+                    continue;
+                }
+                if let Some(state) = self.lanes.get_mut(lane_index) {
+                    state.left += 1;
+                }
+                if let Some(fresh) = &message.fresh {
+                    self.staged.insert(
+                        queue::message_file(&message.control.queue_id),
+                        fresh.message.clone(),
+                    );
+                }
+                let pending = message.control.pending();
+                self.entries.push(Some(Entry {
+                    message,
+                    pending,
+                    lane: lane_index,
+                }));
+            }
+        }
+        for lane in lane_indexes {
+            self.release_if_done(lane);
+        }
+        let added = self.entries.get(first..).unwrap_or_default();
+        let messages: Vec<QueuedMessage> = added
+            .iter()
+            .flatten()
+            .map(|e| {
+                let c = &e.message.control;
+                QueuedMessage {
+                    file: queue::message_file(&c.queue_id),
+                    sender: c.sender.clone(),
+                    recipients: e.pending.clone(),
+                    state: QueueState {
+                        queue_id: c.queue_id.clone(),
+                        attempts: c.attempts,
+                        arrival_ms: c.first_seen_ms,
+                        delay_notice_sent: c.delay_notice_sent,
+                    },
+                }
+            })
+            .collect();
+        if let Some(first) = messages.first() {
+            let marker = first.state.queue_id.clone();
+            let marked = self
+                .spool
+                .queue
+                .mark_in_flight(&marker, messages.iter().map(|m| m.state.queue_id.as_str()));
+            if let Err(e) = marked {
+                logging::warn(&format!("{marker}: cannot mark the attempt in flight: {e}"));
+            }
+            self.markers.push(marker);
+        }
+        messages
+    }
+
+    /// More messages for the call (`queue.more-messages`): the lanes the
+    /// active queue can spare for it now, within its share of the
+    /// connections and its message budget. `open_connections` is what the
+    /// call really holds: a message with recipients at several domains
+    /// takes a connection for each.
+    pub fn more(&mut self, open_connections: usize) -> Vec<QueuedMessage> {
+        if self.entries.len() >= MAX_MESSAGES_PER_CALL {
+            return Vec::new();
+        }
+        let lanes = self
+            .active
+            .more_lanes(self.open_lanes.max(open_connections));
+        if lanes.is_empty() {
+            return Vec::new();
+        }
+        self.add_lanes(lanes)
+    }
+
+    /// A message of the call that is only in memory, by its Queue file name.
+    pub fn staged(&self, file: &str) -> Option<&Arc<[u8]>> {
+        self.staged.get(file)
+    }
+
     /// Store the report for message `index`; a second report for the same
     /// message, or one for no message, is ignored.
     pub fn record(&mut self, index: u32, report: DeliveryReport) {
@@ -236,6 +275,8 @@ impl Recorder {
             ));
             return;
         };
+        self.staged
+            .remove(&queue::message_file(&entry.message.control.queue_id));
         let (attempt, notices) = apply_report(&self.spool, entry.message, &entry.pending, report);
         for notice in notices {
             let destination = destination(&notice);
@@ -265,6 +306,7 @@ impl Recorder {
                 .lane_done(&state.destination, ids.iter().map(String::as_str));
             // Never released twice.
             state.left = usize::MAX;
+            self.open_lanes = self.open_lanes.saturating_sub(1);
         }
     }
 }

@@ -305,7 +305,9 @@ impl folders::Host for HostState {
         folder: folders::Folder,
         name: String,
     ) -> Result<Vec<u8>, folders::FolderError> {
-        if let (folders::Folder::Queue, Some(staged)) = (folder, self.staged.get(&name)) {
+        if let (folders::Folder::Queue, Some(staged)) =
+            (folder, self.recorder.as_ref().and_then(|r| r.staged(&name)))
+        {
             return Ok(staged.to_vec());
         }
         self.blocking(|state| {
@@ -322,7 +324,9 @@ impl folders::Host for HostState {
         max_bytes: u64,
     ) -> Result<Vec<u8>, folders::FolderError> {
         let max_bytes = max_bytes.min(self.max_read_bytes);
-        if let (folders::Folder::Queue, Some(staged)) = (folder, self.staged.get(&name)) {
+        if let (folders::Folder::Queue, Some(staged)) =
+            (folder, self.recorder.as_ref().and_then(|r| r.staged(&name)))
+        {
             let head = usize::try_from(max_bytes).unwrap_or(usize::MAX);
             return Ok(staged.get(..head).unwrap_or(staged).to_vec());
         }

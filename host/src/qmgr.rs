@@ -247,7 +247,7 @@ impl ActiveQueue {
                     continue;
                 }
             }
-            let lanes = self.form_batch(&mut inner);
+            let lanes = self.form_batch(&mut inner, self.limits.lanes_per_call);
             if !lanes.is_empty() {
                 inner.batches += 1;
                 return Some(lanes);
@@ -280,15 +280,24 @@ impl ActiveQueue {
             .count()
     }
 
-    fn form_batch(&self, inner: &mut Inner) -> Vec<Lane> {
+    /// More lanes for a call under way that holds `open_lanes`, without
+    /// waiting: as many as it has room for, within the connection limits.
+    /// Empty when nothing waits or the queue stopped.
+    pub fn more_lanes(&self, open_lanes: usize) -> Vec<Lane> {
+        let room = self.limits.lanes_per_call.saturating_sub(open_lanes);
+        let mut inner = self.lock();
+        if inner.stopping || room == 0 || inner.waiting == 0 {
+            return Vec::new();
+        }
+        self.form_batch(&mut inner, room)
+    }
+
+    fn form_batch(&self, inner: &mut Inner, max_lanes: usize) -> Vec<Lane> {
         let limits = &self.limits;
         let mut lanes = Vec::new();
         let mut bytes = 0u64;
         let mut turns = inner.ready.len();
-        while turns > 0
-            && lanes.len() < limits.lanes_per_call
-            && inner.connections < limits.max_connections
-        {
+        while turns > 0 && lanes.len() < max_lanes && inner.connections < limits.max_connections {
             turns -= 1;
             let Some(key) = inner.ready.pop_front() else {
                 break;
@@ -450,6 +459,24 @@ mod tests {
             ("a", vec!["a3"])
         );
         assert!(!queue.contains("b1") && queue.contains("a1"));
+    }
+
+    #[test]
+    fn a_call_under_way_takes_more_lanes_up_to_its_share() {
+        let queue = ActiveQueue::new(limits());
+        queue.push("a".into(), message("a1"), Admission::Scanned);
+        let first = queue.next_batch().unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(queue.more_lanes(1).is_empty(), "nothing waits");
+        for (id, destination) in [("b1", "b"), ("c1", "c"), ("d1", "d")] {
+            queue.push(destination.into(), message(id), Admission::Scanned);
+        }
+        // Three lanes per call: room for two beside the open one.
+        let more = queue.more_lanes(1);
+        let got: Vec<&str> = more.iter().map(|l| l.destination.as_str()).collect();
+        assert_eq!(got, vec!["b", "c"]);
+        assert!(queue.more_lanes(3).is_empty(), "the call is full");
+        assert_eq!(queue.more_lanes(0)[0].destination, "d");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::mailroot::{Folder, Mailroot};
 use crate::runtime::HostState;
 use crate::runtime::bindings::mailroot::relay::queue as queue_import;
-use crate::runtime::bindings::mailroot::relay::types::DeliveryReport;
+use crate::runtime::bindings::mailroot::relay::types::{DeliveryReport, QueuedMessage};
 
 /// Suffix of claimed, not yet accepted pickup files.
 pub const CLAIMED_SUFFIX: &str = ".claimed";
@@ -452,6 +452,17 @@ impl queue_import::Host for HostState {
                 recorder.record(index, report);
             }
         });
+    }
+
+    fn more_messages(&mut self) -> Vec<QueuedMessage> {
+        self.blocking(|state| {
+            let open = state.open_connections();
+            state
+                .recorder
+                .as_mut()
+                .map(|recorder| recorder.more(open))
+                .unwrap_or_default()
+        })
     }
 }
 

@@ -10,7 +10,6 @@
 //! deadline callback subtracts the time spent in imports ([`HostState::blocking`])
 //! and only traps when the guest's own execution exceeds the budget.
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
@@ -98,7 +97,6 @@ pub struct HostState {
     pub(crate) recorder: Option<Recorder>,
     /// Messages of the Queue folder the host holds in memory during a
     /// `deliver` call, by file name (fresh from pickup, never written).
-    pub(crate) staged: HashMap<String, Arc<[u8]>>,
     /// What the log lines of this call are about (a queue id).
     pub(crate) log_context: String,
     call_started: Instant,
@@ -239,7 +237,6 @@ impl Runtime {
             max_read_bytes: caps.max_read_bytes,
             sockets: Default::default(),
             recorder: None,
-            staged: HashMap::new(),
             log_context: log_context.to_string(),
             call_started: Instant::now(),
             in_imports: Duration::ZERO,
@@ -298,15 +295,14 @@ impl Runtime {
     }
 
     /// The `deliver` stage for a batch of queued messages. `recorder`
-    /// stores each report as the component hands it over; it comes back
-    /// with what it recorded, whatever became of the call. `staged` holds
-    /// the messages that are only in memory, by their Queue file name.
+    /// hands over more messages while the call runs, serves the fresh ones
+    /// from memory and stores each report as the component hands it over;
+    /// it comes back with what it recorded, whatever became of the call.
     pub fn deliver(
         &self,
         messages: &[QueuedMessage],
         options: &stages::RelayOptions,
         recorder: Recorder,
-        staged: HashMap<String, Arc<[u8]>>,
     ) -> (Recorder, Result<(), CallError>) {
         let context = messages
             .first()
@@ -317,7 +313,6 @@ impl Runtime {
             Err(e) => return (recorder, self.contain(Err(e))),
         };
         store.data_mut().recorder = Some(recorder);
-        store.data_mut().staged = staged;
         let outcome = relay
             .mailroot_relay_stages()
             .call_deliver(&mut store, messages, options);

@@ -677,12 +677,21 @@ impl smtp_socket::HostConnection for HostState {
 
     fn drop(&mut self, handle: Resource<Connection>) -> wasmtime::Result<()> {
         let connection = self.table.delete(handle)?;
-        self.sockets.open.remove(&connection.token);
+        if let Some(mut socket) = self.sockets.open.remove(&connection.token) {
+            // A last command (QUIT) still buffered goes out if the socket
+            // takes it now; nothing waits for it.
+            let _ = socket.flush();
+        }
         Ok(())
     }
 }
 
 impl HostState {
+    /// Connections the component holds open.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.sockets.open.len()
+    }
+
     fn connection_token(&self, handle: &Resource<Connection>) -> Result<u64, SocketError> {
         self.table
             .get(handle)

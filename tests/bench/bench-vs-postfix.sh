@@ -48,7 +48,7 @@ ensure_dns() {
 
 log "building mailroot (release)"
 (cd "$REPO" && cargo build --release -q -p mailroot) || die "cargo build failed"
-command -v smtp-sink >/dev/null || "$SHARED/peers-install.sh" apt >&2
+command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null || "$SHARED/peers-install.sh" apt >&2
 "$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
 ensure_dns
 rm -f "$RESULTS"

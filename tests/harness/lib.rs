@@ -241,16 +241,23 @@ impl SmtpPeer {
             .count()
     }
 
-    /// The most connections the server had open at once so far.
+    /// The most connections the client held open at once so far: each
+    /// counts from its connect until the client closed its side (the server
+    /// may still be finishing a delayed QUIT reply after that).
     pub fn peak_connections(&self) -> usize {
-        let mut open = 0usize;
+        let mut open = std::collections::HashSet::new();
         let mut peak = 0;
         for event in self.events() {
-            if event["event"] == "connect" {
-                open += 1;
-                peak = peak.max(open);
-            } else if event["event"] == "disconnect" {
-                open = open.saturating_sub(1);
+            let peer = event["peer"].as_str().unwrap_or_default().to_string();
+            match event["event"].as_str() {
+                Some("connect") => {
+                    open.insert(peer);
+                    peak = peak.max(open.len());
+                }
+                Some("client-closed" | "disconnect") => {
+                    open.remove(&peer);
+                }
+                _ => {}
             }
         }
         peak

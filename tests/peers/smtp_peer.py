@@ -17,13 +17,17 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import signal
 import ssl
+import time
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Recorder:
+    sync = True
+
     def __init__(self, out, mail_reply, rcpt_replies, rcpt_fail_first):
         self.out = out
         self.mail_reply = mail_reply
@@ -33,9 +37,10 @@ class Recorder:
 
     def record(self, kind, **fields):
         with open(os.path.join(self.out, "events.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"event": kind, **fields}) + "\n")
+            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if self.sync:
+                os.fsync(f.fileno())
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_reply:
@@ -72,16 +77,50 @@ class Recorder:
 class RecordingSMTP(SMTP):
     reply_delay = 0.0
 
+    # Connections not yet lost, to tell when their clients closed them.
+    live = set()
+
     def connection_made(self, transport):
-        self.event_handler.record("connect", peer=str(transport.get_extra_info("peername")))
+        self.peer_name = str(transport.get_extra_info("peername"))
+        self.client_closed = False
+        # The event loop may get to a new connection before it reads the end
+        # of an old one that the client closed first: ask the kernel, so
+        # that "client-closed" events come in the order the client acted.
+        for other in list(RecordingSMTP.live):
+            other.note_if_client_closed()
+        RecordingSMTP.live.add(self)
+        self.event_handler.record("connect", peer=self.peer_name)
         super().connection_made(transport)
 
+    def note_if_client_closed(self):
+        """Record "client-closed" once the client has shut its side (the
+        server may still be finishing a delayed QUIT reply)."""
+        if self.client_closed or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        if any(events & select.POLLRDHUP for _, events in poller.poll(0)):
+            self.client_closed = True
+            self.event_handler.record("client-closed", peer=self.peer_name)
+
+    def eof_received(self):
+        if not self.client_closed:
+            self.client_closed = True
+            self.event_handler.record("client-closed", peer=self.peer_name)
+        return super().eof_received()
+
     def connection_lost(self, exc):
-        self.event_handler.record("disconnect")
+        RecordingSMTP.live.discard(self)
+        self.event_handler.record("disconnect", peer=self.peer_name)
         super().connection_lost(exc)
 
     async def push(self, status):
-        if self.reply_delay:
+        # One delay per reply: the lines of a multi-line reply (EHLO) go
+        # together once its last line is due.
+        if self.reply_delay and status[3:4] != "-":
             await asyncio.sleep(self.reply_delay)
         await super().push(status)
 
@@ -100,8 +139,11 @@ async def main():
                         help="PREFIX=N: answer 451 to the first N RCPTs starting with PREFIX")
     parser.add_argument("--reply-delay", type=float, default=0.0,
                         help="SECS: wait this long before every reply (a slow server)")
+    parser.add_argument("--no-sync", action="store_true",
+                        help="do not fsync each event (benchmarks: the peer must not be the bottleneck)")
     args = parser.parse_args()
     RecordingSMTP.reply_delay = args.reply_delay
+    Recorder.sync = not args.no_sync
     host, port = args.listen.rsplit(":", 1)
     rcpt_replies = [tuple(r.split("=", 1)) for r in args.rcpt_reply]
     rcpt_fail_first = [(p, int(n)) for p, n in (r.rsplit("=", 1) for r in args.rcpt_fail_first)]
@@ -124,6 +166,9 @@ async def main():
         lambda: RecordingSMTP(handler, **options),
         host=host,
         port=int(port),
+        # A thousand relay sessions may arrive at once: a short accept
+        # queue would drop their handshakes and stall them for a minute.
+        backlog=4096,
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

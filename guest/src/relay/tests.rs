@@ -165,6 +165,10 @@ struct FakeHost {
     /// Calls to `wait`, and how many had been made at each connect.
     waits: usize,
     waits_at_connect: Vec<usize>,
+    /// What `more_messages` hands over, one list per ask.
+    more: std::collections::VecDeque<Vec<QueuedMessage>>,
+    /// Calls to `more_messages`.
+    asks: usize,
 }
 
 impl FakeHost {
@@ -279,6 +283,10 @@ impl Capabilities for FakeHost {
     fn log(&mut self, _: Level, message: &str) {
         self.logs.push(message.to_string());
     }
+    fn more_messages(&mut self) -> Vec<QueuedMessage> {
+        self.asks += 1;
+        self.more.pop_front().unwrap_or_default()
+    }
 }
 
 fn options() -> Options {
@@ -331,7 +339,7 @@ fn deliver(
         recipients: recipients.to_vec(),
         state: state.clone(),
     };
-    deliver_batch(host, &[message], options);
+    deliver_batch(host, vec![message], options);
     let (index, report, _) = host.recorded.pop().expect("a report was recorded");
     assert_eq!(index, 0);
     report
@@ -1055,7 +1063,7 @@ fn a_batch_reuses_the_connection_between_messages() {
     };
     deliver_batch(
         &mut host,
-        &[
+        vec![
             message("Q1.eml", "a@one.test"),
             message("Q2.eml", "b@one.test"),
         ],
@@ -1214,4 +1222,57 @@ fn the_domains_of_a_batch_are_delivered_concurrently() {
         u64::from(Timeouts::default().greeting),
         "the silent server costs its greeting timeout once, not once per domain"
     );
+}
+
+#[test]
+fn a_batch_takes_on_the_messages_handed_over_while_it_runs() {
+    let mut host = host_with_message();
+    host.files.insert("Q2.eml".into(), MESSAGE.to_vec());
+    host.mx("one.test", &[(10, "mx.one.test")]);
+    host.ip("mx.one.test", "127.0.0.1");
+    host.mx("two.test", &[(10, "mx.two.test")]);
+    host.ip("mx.two.test", "127.0.0.2");
+    let one = host.server("127.0.0.1");
+    let two = host.server("127.0.0.2");
+    host.now_ms = ARRIVAL;
+    let message = |file: &str, rcpts_: &[&str]| QueuedMessage {
+        file: file.into(),
+        sender: "s@src.test".into(),
+        recipients: rcpts(rcpts_),
+        state: state(0, false),
+    };
+    // The first ask finds a message for another domain and one without
+    // recipients; the next finds nothing, and the call ends.
+    host.more = [vec![
+        message("Q2.eml", &["b@two.test"]),
+        message("Q3.eml", &[]),
+    ]]
+    .into();
+    deliver_batch(
+        &mut host,
+        vec![message("Q1.eml", &["a@one.test"])],
+        &options(),
+    );
+    let mut indexes: Vec<usize> = host.recorded.iter().map(|(i, _, _)| *i).collect();
+    indexes.sort();
+    assert_eq!(indexes, vec![0, 1, 2], "indexes continue the batch's");
+    let report = |index: usize| {
+        &host
+            .recorded
+            .iter()
+            .find(|(i, _, _)| *i == index)
+            .unwrap()
+            .1
+    };
+    assert!(delivered(&report(0).outcomes[0]));
+    assert!(delivered(&report(1).outcomes[0]), "{:?}", report(1));
+    assert!(report(2).outcomes.is_empty());
+    assert_eq!(one.borrow().messages.len(), 1);
+    assert_eq!(two.borrow().messages.len(), 1);
+    assert!(
+        host.asks >= 2,
+        "asked until the host had no more: {}",
+        host.asks
+    );
+    assert!(host.more.is_empty());
 }
