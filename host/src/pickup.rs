@@ -248,7 +248,19 @@ impl<'a> Pickup<'a> {
     }
 
     /// Claim the files of `entries` that are finished.
+    ///
+    /// The files are flushed to disk first, one `syncfs` for the chunk: an
+    /// accepted message is delivered from its claimed file, so it must be
+    /// durable before it leaves Pickup, whatever its writer did (Postfix's
+    /// postdrop fsyncs every file it drops).
     fn claim(&self, entries: &[Entry]) -> Vec<Claimed> {
+        let pickup = self.relay.mailroot.dir(Folder::Pickup);
+        if let Err(e) = queue::sync_filesystem(&pickup) {
+            logging::error(&format!(
+                "cannot flush Pickup to disk: {e}; its files are left for later"
+            ));
+            return Vec::new();
+        }
         let now_ms = self.relay.clock.now_ms();
         entries
             .iter()
