@@ -178,9 +178,11 @@ pub fn line_stats(bytes: &[u8]) -> LineStats {
     stats
 }
 
-/// How many bytes at the start of `bytes`, in whole blocks, hold no line
-/// ending, no NUL when `nul`, and no 8-bit byte when `high`: the ordinary
-/// text [`line_stats`] may skip, a word of eight bytes at a time.
+/// How many bytes at the start of `bytes` hold no line ending, no NUL when
+/// `nul`, and no 8-bit byte when `high`: the ordinary text [`line_stats`]
+/// may skip, a word of eight bytes at a time. The lowest bit [`has_byte`]
+/// sets is exact, so the word with a special byte says where it is; the
+/// last bytes, short of a word, are left to the caller.
 fn ordinary_prefix(bytes: &[u8], high: bool, nul: bool) -> usize {
     let high = if high { HIGH_BITS } else { 0 };
     let mut skipped = 0;
@@ -191,7 +193,7 @@ fn ordinary_prefix(bytes: &[u8], high: bool, nul: bool) -> usize {
             | has_byte(word, b'\r')
             | if nul { has_byte(word, 0) } else { 0 };
         if special != 0 {
-            break;
+            return skipped + (special.trailing_zeros() / 8) as usize;
         }
         skipped += 8;
     }
@@ -216,8 +218,8 @@ pub fn find_nul(bytes: &[u8]) -> Option<usize> {
 /// The high bit of every byte of a word.
 const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
 
-/// Non-zero when some byte of `word` is `byte` (exact for "some", the bit
-/// positions above the first match aside).
+/// Non-zero when some byte of `word` is `byte`: the high bit of the first
+/// such byte (the lowest) is set, exactly; bits above it may be set too.
 fn has_byte(word: u64, byte: u8) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     let x = word ^ (ONES * u64::from(byte));

@@ -428,7 +428,8 @@ pub fn deliver_batch<C: Capabilities>(
     options: &Options,
 ) {
     // The messages of a batch mostly share destinations: ask DNS once per
-    // name per batch (a batch lasts seconds, far below any useful TTL).
+    // name per batch (the reference host adds work to a call for a minute at
+    // most, below any useful TTL).
     let mut memo = DnsMemo::new(caps);
     let caps = RefCell::new(&mut memo);
     let seed = caps.borrow_mut().now_ms();

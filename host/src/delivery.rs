@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::badmail::{self, FailedRecipient, Reason};
 use crate::clock::Clock;
@@ -83,6 +83,11 @@ pub struct Spool {
 /// Messages one call takes on at most, first batch and additions together:
 /// the component keeps a little state per message until the call ends.
 const MAX_MESSAGES_PER_CALL: usize = 4096;
+/// Bytes of messages one call takes on at most: its CPU budget covers them.
+const MAX_BYTES_PER_CALL: u64 = 512 << 20;
+/// A call takes on nothing new after this long: the component keeps the DNS
+/// answers of a call for the call, and a fresh instance starts clean.
+const MAX_CALL_AGE: Duration = Duration::from_secs(60);
 
 /// Attempt the lanes of a batch in one component call, so that each lane's
 /// messages share a connection and the lanes run concurrently; while it
@@ -100,6 +105,8 @@ pub fn attempt_batch(relay: &Relay, active: &Arc<ActiveQueue>, lanes: Vec<Lane>)
         attempts: Vec::new(),
         staged: HashMap::new(),
         markers: Vec::new(),
+        bytes: 0,
+        started: Instant::now(),
     };
     let messages = recorder.add_lanes(lanes);
     if messages.is_empty() {
@@ -159,6 +166,9 @@ pub struct Recorder {
     staged: HashMap<String, Arc<[u8]>>,
     /// The in-flight markers written for this call.
     markers: Vec<String>,
+    /// Bytes of the messages handed over.
+    bytes: u64,
+    started: Instant,
 }
 
 impl Recorder {
@@ -198,6 +208,7 @@ impl Recorder {
                         fresh.message.clone(),
                     );
                 }
+                self.bytes = self.bytes.saturating_add(message.size());
                 let pending = message.control.pending();
                 self.entries.push(Some(Entry {
                     message,
@@ -248,7 +259,10 @@ impl Recorder {
     /// call really holds: a message with recipients at several domains
     /// takes a connection for each.
     pub fn more(&mut self, open_connections: usize) -> Vec<QueuedMessage> {
-        if self.entries.len() >= MAX_MESSAGES_PER_CALL {
+        if self.entries.len() >= MAX_MESSAGES_PER_CALL
+            || self.bytes >= MAX_BYTES_PER_CALL
+            || self.started.elapsed() >= MAX_CALL_AGE
+        {
             return Vec::new();
         }
         let lanes = self
