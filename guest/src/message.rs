@@ -128,6 +128,22 @@ pub struct LineStats {
     pub first_nul: Option<u64>,
 }
 
+impl LineStats {
+    /// The stats of these lines followed by `next`'s, which start at
+    /// `offset`, on a line boundary.
+    pub fn followed_by(&self, next: &LineStats, offset: usize) -> LineStats {
+        LineStats {
+            long_lines: self.long_lines.saturating_add(next.long_lines),
+            longest_line: self.longest_line.max(next.longest_line),
+            bare_line_endings: self.bare_line_endings || next.bare_line_endings,
+            has_eight_bit: self.has_eight_bit || next.has_eight_bit,
+            first_nul: self
+                .first_nul
+                .or_else(|| next.first_nul.map(|n| n.saturating_add(offset as u64))),
+        }
+    }
+}
+
 /// Scan every line once, eight bytes at a time.
 ///
 /// Every message passes through here at pickup and again before sending,
@@ -184,8 +200,8 @@ pub fn line_stats(bytes: &[u8]) -> LineStats {
 /// sets is exact, so the word with a special byte says where it is; the
 /// last bytes, short of a word, are left to the caller.
 fn ordinary_prefix(bytes: &[u8], high: bool, nul: bool) -> usize {
-    let high = if high { HIGH_BITS } else { 0 };
     let mut skipped = 0;
+    let high = if high { HIGH_BITS } else { 0 };
     for word in bytes.chunks_exact(8) {
         let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or([b'\n'; 8]));
         let special = (word & high)
@@ -335,6 +351,10 @@ pub struct Parsed<'a> {
     pub headers: HeaderSection<'a>,
     /// Its header section as mail-parser reads it.
     pub parsed: mail_parser::Message<'a>,
+    /// The lines of the whole file.
+    pub file_stats: LineStats,
+    /// The lines of the message proper (after the pickup lines).
+    pub message_stats: LineStats,
 }
 
 /// Parse a raw pickup file: reject empty files and NUL bytes, split the
@@ -343,10 +363,24 @@ pub fn parse(raw: &[u8]) -> Result<Parsed<'_>, ParseError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(ParseError::Empty);
     }
-    if let Some(offset) = find_nul(raw) {
-        return Err(ParseError::NulByte(offset as u64));
+    // One pass over the message finds NUL bytes and describes the lines for
+    // both the summary and validation: the file is the pickup lines (short,
+    // ending where the message starts) followed by the message.
+    let (pickup, message) = match split_pickup_lines(raw) {
+        Ok(split) => split,
+        Err(e) => {
+            return Err(match find_nul(raw) {
+                Some(offset) => ParseError::NulByte(offset as u64),
+                None => e,
+            });
+        }
+    };
+    let pickup_bytes = raw.get(..raw.len() - message.len()).unwrap_or_default();
+    let message_stats = line_stats(message);
+    let file_stats = line_stats(pickup_bytes).followed_by(&message_stats, pickup_bytes.len());
+    if let Some(offset) = file_stats.first_nul {
+        return Err(ParseError::NulByte(offset));
     }
-    let (pickup, message) = split_pickup_lines(raw)?;
     let headers = header_section(message)?;
     let header_bytes = message.get(..headers.body_start).unwrap_or(message);
     let parsed = MessageParser::new()
@@ -357,6 +391,8 @@ pub fn parse(raw: &[u8]) -> Result<Parsed<'_>, ParseError> {
         message,
         headers,
         parsed,
+        file_stats,
+        message_stats,
     })
 }
 
@@ -374,7 +410,7 @@ pub fn addresses(message: &mail_parser::Message<'_>, name: HeaderName<'static>) 
 /// Build the summary of a raw file.
 pub fn summarize(raw: &[u8]) -> Result<Summary, ParseError> {
     let parsed = parse(raw)?;
-    let stats = line_stats(raw);
+    let stats = &parsed.file_stats;
     let header_bytes = parsed
         .message
         .get(..parsed.headers.body_start)
@@ -484,11 +520,35 @@ mod tests {
     }
 
     #[test]
+    fn stats_of_two_parts_add_up_to_the_whole() {
+        let head: &[u8] = b"x-sender: a@b.c\nx-receiver: \xe9@b.c\r\n";
+        for tail in [
+            &b"From: a@b.c\r\n\r\nbody\r\n"[..],
+            b"From: a@b.c\n\nx\0y\n",
+            &[b'z'; 1200],
+        ] {
+            let whole = [head, tail].concat();
+            assert_eq!(
+                line_stats(head).followed_by(&line_stats(tail), head.len()),
+                line_stats(&whole)
+            );
+        }
+    }
+
+    #[test]
     fn nul_and_empty_are_refused() {
         assert_eq!(summarize(b"").unwrap_err(), ParseError::Empty);
         assert_eq!(
             summarize(b"From: a@b.c\r\n\r\nx\0y").unwrap_err(),
             ParseError::NulByte(16)
+        );
+        assert_eq!(
+            summarize(b"x-sender: a@b.c\r\nFrom: a@b.c\r\n\r\nx\0y").unwrap_err(),
+            ParseError::NulByte(33)
+        );
+        assert_eq!(
+            summarize(b"x-sender: a\0@b.c\r\nFrom: a@b.c\r\n\r\nx").unwrap_err(),
+            ParseError::NulByte(11)
         );
     }
 

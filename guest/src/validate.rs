@@ -92,7 +92,7 @@ pub fn validate(raw: &[u8], limits: &Limits) -> Vec<Finding> {
         }
         Ok(_) => {}
     }
-    let stats = message::line_stats(parsed.message);
+    let stats = &parsed.message_stats;
     if stats.long_lines > 0 {
         findings.push(Finding::warning(
             "long-lines",
