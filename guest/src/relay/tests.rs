@@ -345,6 +345,16 @@ fn deliver(
     report
 }
 
+/// A message of a batch from s@src.test, at its first attempt.
+fn first_attempt(file: &str, recipients: &[&str]) -> QueuedMessage {
+    QueuedMessage {
+        file: file.into(),
+        sender: "s@src.test".into(),
+        recipients: rcpts(recipients),
+        state: state(0, false),
+    }
+}
+
 /// A first attempt, right at arrival: only the outcomes.
 fn deliver_once(
     host: &mut FakeHost,
@@ -1055,17 +1065,11 @@ fn a_batch_reuses_the_connection_between_messages() {
     host.ip("mx.one.test", "127.0.0.1");
     let server = host.server("127.0.0.1");
     host.now_ms = ARRIVAL;
-    let message = |file: &str, rcpt: &str| QueuedMessage {
-        file: file.into(),
-        sender: "s@src.test".into(),
-        recipients: rcpts(&[rcpt]),
-        state: state(0, false),
-    };
     deliver_batch(
         &mut host,
         vec![
-            message("Q1.eml", "a@one.test"),
-            message("Q2.eml", "b@one.test"),
+            first_attempt("Q1.eml", &["a@one.test"]),
+            first_attempt("Q2.eml", &["b@one.test"]),
         ],
         &options(),
     );
@@ -1235,22 +1239,16 @@ fn a_batch_takes_on_the_messages_handed_over_while_it_runs() {
     let one = host.server("127.0.0.1");
     let two = host.server("127.0.0.2");
     host.now_ms = ARRIVAL;
-    let message = |file: &str, rcpts_: &[&str]| QueuedMessage {
-        file: file.into(),
-        sender: "s@src.test".into(),
-        recipients: rcpts(rcpts_),
-        state: state(0, false),
-    };
     // The first ask finds a message for another domain and one without
     // recipients; the next finds nothing, and the call ends.
     host.more = [vec![
-        message("Q2.eml", &["b@two.test"]),
-        message("Q3.eml", &[]),
+        first_attempt("Q2.eml", &["b@two.test"]),
+        first_attempt("Q3.eml", &[]),
     ]]
     .into();
     deliver_batch(
         &mut host,
-        vec![message("Q1.eml", &["a@one.test"])],
+        vec![first_attempt("Q1.eml", &["a@one.test"])],
         &options(),
     );
     let mut indexes: Vec<usize> = host.recorded.iter().map(|(i, _, _)| *i).collect();
