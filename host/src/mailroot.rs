@@ -279,6 +279,17 @@ impl From<FolderError> for folders::FolderError {
     }
 }
 
+impl HostState {
+    /// A Queue file of the `deliver` call under way that is only in memory
+    /// (a message fresh from pickup).
+    fn staged(&self, folder: folders::Folder, name: &str) -> Option<&std::sync::Arc<[u8]>> {
+        match folder {
+            folders::Folder::Queue => self.recorder.as_ref()?.staged(name),
+            _ => None,
+        }
+    }
+}
+
 impl folders::Host for HostState {
     fn scan(
         &mut self,
@@ -305,9 +316,7 @@ impl folders::Host for HostState {
         folder: folders::Folder,
         name: String,
     ) -> Result<Vec<u8>, folders::FolderError> {
-        if let (folders::Folder::Queue, Some(staged)) =
-            (folder, self.recorder.as_ref().and_then(|r| r.staged(&name)))
-        {
+        if let Some(staged) = self.staged(folder, &name) {
             return Ok(staged.to_vec());
         }
         self.blocking(|state| {
@@ -324,9 +333,7 @@ impl folders::Host for HostState {
         max_bytes: u64,
     ) -> Result<Vec<u8>, folders::FolderError> {
         let max_bytes = max_bytes.min(self.max_read_bytes);
-        if let (folders::Folder::Queue, Some(staged)) =
-            (folder, self.recorder.as_ref().and_then(|r| r.staged(&name)))
-        {
+        if let Some(staged) = self.staged(folder, &name) {
             let head = usize::try_from(max_bytes).unwrap_or(usize::MAX);
             return Ok(staged.get(..head).unwrap_or(staged).to_vec());
         }
