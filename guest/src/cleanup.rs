@@ -43,9 +43,7 @@ pub fn cleanup(parsed: &Parsed<'_>, ctx: &Context<'_>) -> Vec<u8> {
         .iter()
         .filter(|f| !REMOVED_HEADERS.iter().any(|name| f.is(name)))
     {
-        for line in &field.lines {
-            out.extend_from_slice(&message::to_crlf(line));
-        }
+        out.extend_from_slice(&message::to_crlf(field.raw));
     }
     let has = |name: &str| fields.iter().any(|f| f.is(name));
     if !has("From") && !ctx.sender.is_empty() {

@@ -16,6 +16,7 @@
 )]
 
 pub mod address;
+pub mod allocator;
 pub mod bounce;
 pub mod cleanup;
 pub mod client;
@@ -31,3 +32,9 @@ pub mod validate;
 
 #[cfg(target_family = "wasm")]
 pub mod component;
+
+/// The component's allocator (see [`allocator`]); native builds keep the
+/// system's.
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: allocator::SizeClasses = allocator::SizeClasses::new();

@@ -66,7 +66,16 @@ impl<'a> Iterator for Lines<'a> {
             return None;
         }
         let rest = self.rest;
-        let (content_len, ending_len) = match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        // Whole words of ordinary text first, then the bytes of the word
+        // that holds the line ending.
+        let skipped = ordinary_prefix(rest, false, false);
+        let ending = rest
+            .get(skipped..)
+            .unwrap_or_default()
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+            .map(|p| skipped + p);
+        let (content_len, ending_len) = match ending {
             None => (rest.len(), 0),
             Some(i) => match (rest.get(i), rest.get(i + 1)) {
                 (Some(b'\r'), Some(b'\n')) => (i, 2),
@@ -85,17 +94,20 @@ pub fn split_pickup_lines(raw: &[u8]) -> Result<(Option<PickupEnvelope>, &[u8]),
     let mut seen = false;
     let mut consumed = 0;
     for (content, whole) in lines(raw) {
-        let text = String::from_utf8_lossy(content);
-        let Some((name, value)) = text.split_once(':') else {
+        // Look at the name as bytes first: every file has at least one line
+        // that is not a pickup line, and it needs no copy to say so.
+        let Some(colon) = content.iter().position(|&b| b == b':') else {
             break;
         };
-        let name = name.trim().to_ascii_lowercase();
-        if name != "x-sender" && name != "x-receiver" {
+        let name = content.get(..colon).unwrap_or_default().trim_ascii();
+        let is_sender = name.eq_ignore_ascii_case(b"x-sender");
+        if !is_sender && !name.eq_ignore_ascii_case(b"x-receiver") {
             break;
         }
-        let value = value.trim();
+        let text = String::from_utf8_lossy(content);
+        let value = text.split_once(':').map_or("", |(_, value)| value.trim());
         let bad = || ParseError::BadPickupLine(text.trim().to_string());
-        if name == "x-sender" {
+        if is_sender {
             envelope.sender = Some(if value == "<>" {
                 String::new()
             } else {
@@ -247,8 +259,9 @@ fn has_byte(word: u64, byte: u8) -> u64 {
 pub struct Field<'a> {
     /// The field name as written.
     pub name: &'a str,
-    /// Every line of the field, with their original line endings.
-    pub lines: Vec<&'a [u8]>,
+    /// The field as written: its first line and the folded lines after it,
+    /// with their original line endings.
+    pub raw: &'a [u8],
 }
 
 impl Field<'_> {
@@ -284,23 +297,26 @@ fn field_name(line: &[u8]) -> Option<&str> {
 /// it ends at the first empty line, or at the first line that is neither a
 /// field nor a continuation (that line starts the body).
 pub fn header_section(message: &[u8]) -> Result<HeaderSection<'_>, ParseError> {
-    let mut fields: Vec<Field<'_>> = Vec::new();
+    // Most messages have a few dozen fields: start with room for them.
+    let mut fields: Vec<Field<'_>> = Vec::with_capacity(32);
     let mut offset = 0;
     for (content, whole) in lines(message) {
+        let end = offset + whole.len();
         if content.is_empty() {
-            offset += whole.len();
-            return finish(fields, offset, true);
+            return finish(fields, end, true);
         }
         let continuation = matches!(content.first(), Some(b' ' | b'\t'));
         match (continuation, fields.last_mut(), field_name(content)) {
-            (true, Some(field), _) => field.lines.push(whole),
-            (false, _, Some(name)) => fields.push(Field {
-                name,
-                lines: vec![whole],
-            }),
+            // A folded line follows its field directly, so the field grows
+            // to the end of it.
+            (true, Some(field), _) => {
+                let start = offset - field.raw.len();
+                field.raw = message.get(start..end).unwrap_or(field.raw);
+            }
+            (false, _, Some(name)) => fields.push(Field { name, raw: whole }),
             _ => return finish(fields, offset, false),
         }
-        offset += whole.len();
+        offset = end;
     }
     finish(fields, offset, false)
 }
@@ -502,7 +518,8 @@ mod tests {
         let section =
             header_section(b"Subject: a\r\n  b\r\nTo: x@y.z\r\nnot a header\r\nmore").unwrap();
         assert_eq!(section.fields.len(), 2);
-        assert_eq!(section.fields[0].lines.len(), 2);
+        assert_eq!(section.fields[0].raw, b"Subject: a\r\n  b\r\n");
+        assert_eq!(section.fields[1].raw, b"To: x@y.z\r\n");
         assert!(!section.has_separator);
         assert_eq!(section.body_start, 28);
         assert_eq!(header_section(b"just text\n"), Err(ParseError::NoHeaders));
