@@ -526,6 +526,22 @@ mod tests {
     }
 
     #[test]
+    fn summary_takes_every_address_field_in_order() {
+        let raw = b"To: a@x.example, Group: b@x.example, c@x.example;\r\nSender: s1@x.example\r\nFrom: f@x.example\r\nCc: d@x.example\r\nTo: e@x.example\r\nSender: s2@x.example\r\nBcc: g@x.example\r\nSubject: one\r\nSubject: two\r\n\r\n";
+        let summary = summarize(raw).unwrap();
+        assert_eq!(
+            summary.to,
+            ["a@x.example", "b@x.example", "c@x.example", "e@x.example"]
+        );
+        assert_eq!(summary.from, ["f@x.example"]);
+        assert_eq!(summary.cc, ["d@x.example"]);
+        assert_eq!(summary.bcc, ["g@x.example"]);
+        assert_eq!(summary.sender.as_deref(), Some("s1@x.example"));
+        // As mail-parser reads a repeated unstructured field: the last one.
+        assert_eq!(summary.subject.as_deref(), Some("two"));
+    }
+
+    #[test]
     fn summary_reports_what_a_relay_needs() {
         let raw = "From: A <a@example.com>\nTo: b@example.org, c@example.org\nBcc: d@example.net\nSubject: h\u{e9}llo\n\nbody\r\n";
         let s = summarize(raw.as_bytes()).unwrap();
