@@ -77,8 +77,12 @@ class Recorder:
 class RecordingSMTP(SMTP):
     reply_delay = 0.0
 
-    # Connections not yet lost, to tell when their clients closed them.
-    live = set()
+    # Connections whose clients have not closed them yet, by file
+    # descriptor, watched by the kernel for the client's close (EPOLLRDHUP):
+    # a new connection then costs a look at the ones that closed, not at
+    # every open one.
+    watched = {}
+    watcher = select.epoll()
 
     def connection_made(self, transport):
         self.peer_name = str(transport.get_extra_info("peername"))
@@ -86,34 +90,45 @@ class RecordingSMTP(SMTP):
         # The event loop may get to a new connection before it reads the end
         # of an old one that the client closed first: ask the kernel, so
         # that "client-closed" events come in the order the client acted.
-        for other in list(RecordingSMTP.live):
-            other.note_if_client_closed()
-        RecordingSMTP.live.add(self)
+        RecordingSMTP.note_closed_clients()
+        # After STARTTLS the TLS transport is made on the same socket, and
+        # this is called again: it is watched already.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and getattr(self, "watched_fd", None) is None:
+            self.watched_fd = sock.fileno()
+            RecordingSMTP.watcher.register(self.watched_fd, select.EPOLLRDHUP)
+            RecordingSMTP.watched[self.watched_fd] = self
         self.event_handler.record("connect", peer=self.peer_name)
         super().connection_made(transport)
 
-    def note_if_client_closed(self):
+    @classmethod
+    def note_closed_clients(cls):
+        for fd, events in cls.watcher.poll(0):
+            connection = cls.watched.get(fd)
+            if connection is not None and events & (select.EPOLLRDHUP | select.EPOLLHUP):
+                connection.note_client_closed()
+
+    def note_client_closed(self):
         """Record "client-closed" once the client has shut its side (the
         server may still be finishing a delayed QUIT reply)."""
-        if self.client_closed or self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLRDHUP)
-        if any(events & select.POLLRDHUP for _, events in poller.poll(0)):
-            self.client_closed = True
-            self.event_handler.record("client-closed", peer=self.peer_name)
-
-    def eof_received(self):
         if not self.client_closed:
             self.client_closed = True
             self.event_handler.record("client-closed", peer=self.peer_name)
+        self.unwatch()
+
+    def unwatch(self):
+        fd, self.watched_fd = getattr(self, "watched_fd", None), None
+        if fd is not None and RecordingSMTP.watched.get(fd) is self:
+            del RecordingSMTP.watched[fd]
+            RecordingSMTP.watcher.unregister(fd)
+
+    def eof_received(self):
+        self.note_client_closed()
         return super().eof_received()
 
     def connection_lost(self, exc):
-        RecordingSMTP.live.discard(self)
+        # Before asyncio closes the socket, whose number may come back.
+        self.unwatch()
         self.event_handler.record("disconnect", peer=self.peer_name)
         super().connection_lost(exc)
 
