@@ -21,40 +21,32 @@
 # mx.d<i>.test, A 127.0.0.1). The clock runs from the release of the files
 # until the server has received every message.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-SHARED=${SHARED:-$(cd "$REPO/.." && pwd)/shared/bench}
-[ -f "$SHARED/common.sh" ] || { echo "no benchmark scripts in $SHARED (set SHARED)"; exit 2; }
-export RESULTS=${RESULTS:-$REPO/target/bench-slow-results.csv}
-source "$SHARED/common.sh"
+export RESULTS=${RESULTS:-$(cd "$(dirname "$0")/../.." && pwd)/target/bench-slow-results.csv}
+source "$(dirname "$0")/lib.sh"
 COUNT=${COUNT:-1000}
 DELAY=${DELAY:-2}
 CONNS=${CONNS:-$COUNT}
 TOOLS=${TOOLS:-"mailroot postfix"}
-DNS_ADDR=127.0.0.53
 SLOW_ADDR=127.0.0.1
 SLOW_PORT=2526
-MAILROOT=$REPO/target/release/mailroot
 PEER_DIR=$WORK/slow-peer
 SPOOL=/var/spool/postfix
 
 PEER_PID=
 cleanup() {
     stop_mon
-    [ -n "${RELAY_PID:-}" ] && kill "$RELAY_PID" 2>/dev/null
+    stop_mailroot
     [ -n "$PEER_PID" ] && kill "$PEER_PID" 2>/dev/null
-    "$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
+    stop_dns
     if [ -e /etc/postfix/main.cf.bench-orig ] || [ -e /etc/postfix/main.cf.bench-orig-absent ]; then
         "$SHARED/bench-postfix.sh" teardown >/dev/null 2>&1
     fi
 }
 trap cleanup EXIT
 
-log "building mailroot (release)"
-(cd "$REPO" && cargo build --release -q -p mailroot) || die "cargo build failed"
-command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null || "$SHARED/peers-install.sh" apt >&2
+prepare_bench
 "$PY" -c 'import aiosmtpd' 2>/dev/null || "$PY" -m pip install -q aiosmtpd
-"$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
-DOMAINS=$COUNT "$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
+DOMAINS=$COUNT start_dns
 rm -f "$RESULTS"
 
 # The corpus: message i to u<i>@d<i>.test, about 4 KB.
@@ -116,21 +108,15 @@ wait_delivered() {   # until COUNT messages arrived or TIMEOUT; counts mailroot'
 
 run_mailroot() {
     local root="$WORK/mailroot-slow-root" t0 t1
-    rm -rf "$root"; mkdir -p "$root/Pickup"
-    cp -r "$CORPUS/." "$root/Pickup/"; rm -f "$root/Pickup/.done"
-    find "$root/Pickup" -type f -print0 | xargs -0 touch -d '-10 seconds'
-    sync
+    fill_pickup "$CORPUS" "$root"
     start_peer
     t0=$(now)
-    "$MAILROOT" serve --root "$root" --hostname bench.localdomain --dns-server "$DNS_ADDR:53" \
-        --smtp-port "$SLOW_PORT" --max-connections "$CONNS" --poll-interval 0.05 \
-        >"$WORK/mailroot-slow.log" 2>&1 &
-    RELAY_PID=$!
+    start_mailroot "$root" "$WORK/mailroot-slow.log" "$SLOW_PORT" --max-connections "$CONNS"
     start_mon "$WORK/mailroot-slow-mon.json" "$RELAY_PID"
     wait_delivered
     t1=$(now)
     stop_mon
-    kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null; RELAY_PID=
+    stop_mailroot
     PEAK=$(peak_sessions)
     stop_peer
     record mailroot "slow-x$PEAK" "$COUNT" 1 1 "$(echo "$t1 - $t0" | bc)" "$COUNT" \

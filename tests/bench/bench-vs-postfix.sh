@@ -21,36 +21,28 @@
 #   first, then released at once: pickup, cleanup, qmgr, smtp).
 # Both fsync every accepted message before the original is gone.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-SHARED=${SHARED:-$(cd "$REPO/.." && pwd)/shared/bench}
-[ -f "$SHARED/common.sh" ] || { echo "no benchmark scripts in $SHARED (set SHARED)"; exit 2; }
-export RESULTS=${RESULTS:-$REPO/target/bench-results.csv}
-source "$SHARED/common.sh"
+export RESULTS=${RESULTS:-$(cd "$(dirname "$0")/../.." && pwd)/target/bench-results.csv}
+source "$(dirname "$0")/lib.sh"
 REPEAT=${1:-3}
 CASES=${CASES:-"10000:1 2000:10"}
 TOOLS=${TOOLS:-"mailroot postfix"}
-DNS_ADDR=127.0.0.53
-MAILROOT=$REPO/target/release/mailroot
 
 cleanup() {
     stop_sink
     stop_mon
-    [ -n "${RELAY_PID:-}" ] && kill "$RELAY_PID" 2>/dev/null
-    "$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
+    stop_mailroot
+    stop_dns
 }
 trap cleanup EXIT
 
 # bench-postfix.sh stops the DNS server when it ends: start it again for mailroot.
 ensure_dns() {
     [ -f "$WORK/dns.pid" ] && kill -0 "$(cat "$WORK/dns.pid")" 2>/dev/null && return 0
-    "$SHARED/dns-mx-server.sh" start "$DNS_ADDR" 53 || die "DNS server did not start"
+    start_dns
 }
 
-log "building mailroot (release)"
-(cd "$REPO" && cargo build --release -q -p mailroot) || die "cargo build failed"
-command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null || "$SHARED/peers-install.sh" apt >&2
-"$SHARED/dns-mx-server.sh" stop >/dev/null 2>&1
-ensure_dns
+prepare_bench
+start_dns
 rm -f "$RESULTS"
 
 # run_mailroot MSGS RCPTS RUN
@@ -59,24 +51,17 @@ run_mailroot() {
     ensure_dns
     corpus=$(corpus "$msgs" "$rcpts")
     root="$WORK/mailroot-root"
-    rm -rf "$root"; mkdir -p "$root/Pickup"
-    # No globs: 100,000 names overflow an argument list.
-    cp -r "$corpus/." "$root/Pickup/"
-    rm -f "$root/Pickup/.done"
-    find "$root/Pickup" -type f -print0 | xargs -0 touch -d '-10 seconds' 
-    sync
+    fill_pickup "$corpus" "$root"
     # one transaction per recipient domain
     txns=$(( msgs * (rcpts < 10 ? rcpts : 10) ))
     start_sink "$txns"
     t0=$(now)
-    "$MAILROOT" serve --root "$root" --hostname bench.localdomain --dns-server "$DNS_ADDR:53" \
-        --smtp-port "$SINK_PORT" --poll-interval 0.05 >"$WORK/mailroot.log" 2>&1 &
-    RELAY_PID=$!
+    start_mailroot "$root" "$WORK/mailroot.log" "$SINK_PORT"
     start_mon "$WORK/mailroot-mon.json" "$RELAY_PID"
     wait_sink || log "warning: smtp-sink ended with an error"
     t1=$(now)
     stop_mon
-    kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null; RELAY_PID=
+    stop_mailroot
     record mailroot "mx-pickup" "$msgs" "$rcpts" "$run" "$(echo "$t1 - $t0" | bc)" "$txns" \
         "$(json_get "$WORK/mailroot-mon.json" peak_rss_kb)" "$(json_get "$WORK/mailroot-mon.json" peak_pss_kb)" \
         "$(json_get "$WORK/mailroot-mon.json" cpu_s)" "" ""
