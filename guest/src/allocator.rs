@@ -163,6 +163,25 @@ unsafe impl GlobalAlloc for SizeClasses {
         }
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match class_of(layout) {
+            Some(_) => {
+                // SAFETY: as `alloc`; a reused block holds old bytes, so it
+                // is cleared.
+                unsafe {
+                    let block = self.alloc(layout);
+                    if !block.is_null() {
+                        ptr::write_bytes(block, 0, layout.size());
+                    }
+                    block
+                }
+            }
+            // SAFETY: forwarded with the caller's guarantees; fresh memory
+            // from the system allocator may need no clearing.
+            None => unsafe { System.alloc_zeroed(layout) },
+        }
+    }
+
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         match class_of(layout) {
             // SAFETY: `layout` is the one the block was allocated with, so
@@ -234,6 +253,23 @@ mod tests {
                 let bytes = std::slice::from_raw_parts(block, size);
                 assert!(bytes.iter().all(|&b| b == round), "a block was overwritten");
             }
+            // Zeroed blocks are zero, also when reused.
+            let (block, size, _) = blocks.pop().unwrap();
+            heap.dealloc(block, layout(size));
+            let zeroed = heap.alloc_zeroed(layout(size));
+            assert_eq!(zeroed, block);
+            assert!(
+                std::slice::from_raw_parts(zeroed, size)
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+            let large = heap.alloc_zeroed(layout(LARGEST * 2));
+            assert!(
+                std::slice::from_raw_parts(large, LARGEST * 2)
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+            heap.dealloc(large, layout(LARGEST * 2));
             // A freed block is the next one of its class.
             let (block, size, _) = blocks.pop().unwrap();
             heap.dealloc(block, layout(size));
