@@ -284,7 +284,7 @@ impl HostState {
     /// (a message fresh from pickup).
     fn staged(&self, folder: folders::Folder, name: &str) -> Option<&std::sync::Arc<[u8]>> {
         match folder {
-            folders::Folder::Queue => self.recorder.as_ref()?.staged(name),
+            folders::Folder::Queue => self.recorder()?.staged(name),
             _ => None,
         }
     }

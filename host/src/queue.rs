@@ -448,7 +448,7 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
 impl queue_import::Host for HostState {
     fn record_attempt(&mut self, index: u32, report: DeliveryReport) {
         self.blocking(|state| {
-            if let Some(recorder) = state.recorder.as_mut() {
+            if let Some(recorder) = state.recorder_mut() {
                 recorder.record(index, report);
             }
         });
@@ -458,8 +458,7 @@ impl queue_import::Host for HostState {
         self.blocking(|state| {
             let open = state.open_connections();
             state
-                .recorder
-                .as_mut()
+                .recorder_mut()
                 .map(|recorder| recorder.more(open))
                 .unwrap_or_default()
         })

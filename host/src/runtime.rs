@@ -93,10 +93,9 @@ pub struct HostState {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_read_bytes: u64,
     pub(crate) sockets: crate::sockets::Sockets,
-    /// Stores delivery reports during a `deliver` call.
-    pub(crate) recorder: Option<Recorder>,
-    /// Messages of the Queue folder the host holds in memory during a
-    /// `deliver` call, by file name (fresh from pickup, never written).
+    /// Stores delivery reports during a `deliver` call. Private: only
+    /// [`Runtime::deliver`] puts it in and takes it out again.
+    recorder: Option<Recorder>,
     /// What the log lines of this call are about (a queue id).
     pub(crate) log_context: String,
     call_started: Instant,
@@ -104,6 +103,16 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// The recorder of the `deliver` call under way, if this is one.
+    pub(crate) fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
+    }
+
+    /// The same, to record reports and hand over more messages.
+    pub(crate) fn recorder_mut(&mut self) -> Option<&mut Recorder> {
+        self.recorder.as_mut()
+    }
+
     /// Run a blocking import: its time does not count against the CPU budget.
     pub(crate) fn blocking<R>(&mut self, work: impl FnOnce(&mut Self) -> R) -> R {
         let started = Instant::now();
@@ -320,7 +329,8 @@ impl Runtime {
         let state = store.into_data();
         match state.recorder {
             Some(recorder) => (recorder, outcome),
-            // Only this function takes the recorder out of the store.
+            // The field is private to this module, and only this function
+            // takes the recorder out of the store.
             None => unreachable!("the recorder left the store"),
         }
     }
