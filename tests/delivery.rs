@@ -380,6 +380,46 @@ fn slow_destinations_are_held_at_once_by_few_workers_within_the_connection_limit
     );
 }
 
+/// Messages to three domains each, behind the slow server: the component
+/// opens a session for each domain, so a message counts three connections
+/// against the limit, not one.
+#[test]
+fn a_message_to_several_domains_counts_a_connection_for_each() {
+    let peer = SmtpPeer::start_with(&["--reply-delay", "0.3"]);
+    let messages = 12;
+    let mut records = vec![format!("mx.slow IN A {}", peer.ip)];
+    for n in 0..messages {
+        records.extend(["a", "b", "c"].map(|d| format!("{d}{n} IN MX 10 mx.slow")));
+    }
+    let dns = Dns::start(&records, &[]);
+    let root = TestMailroot::new(&dns);
+    for n in 0..messages {
+        root.drop_file(
+            &format!("{n:03}.eml"),
+            &pickup_file(
+                "s@src.test",
+                &[
+                    &format!("r@a{n}.test"),
+                    &format!("r@b{n}.test"),
+                    &format!("r@c{n}.test"),
+                ],
+                &format!("Subject: {n}\r\n\r\nx\r\n"),
+            ),
+        );
+    }
+    assert_eq!(
+        root.run_once(&["--workers", "2", "--max-connections", "9"]),
+        0
+    );
+    // One transaction per domain.
+    assert_eq!(peer.messages().len(), 3 * messages);
+    assert_eq!(
+        peer.peak_connections(),
+        9,
+        "three messages of three domains at once: the limit of 9 is used in full, never passed"
+    );
+}
+
 #[test]
 fn local_domains_are_written_to_drop() {
     let watcher = SmtpPeer::start();

@@ -24,7 +24,7 @@ use crate::clock::Clock;
 use crate::logging;
 use crate::mailroot::Folder;
 use crate::mailroot::Mailroot;
-use crate::qmgr::{ActiveQueue, Admission, Fresh, Lane, Message};
+use crate::qmgr::{self, ActiveQueue, Admission, Fresh, Lane, Message};
 use crate::queue::Queue;
 use crate::queue::{self, Control, Recipient, State};
 use crate::relay::Relay;
@@ -52,19 +52,6 @@ pub enum Attempt {
 /// Whether a queued message is due at `now_ms`.
 pub fn is_due(control: &Control, now_ms: u64) -> bool {
     control.next_attempt_ms <= now_ms
-}
-
-/// The scheduling key of a message: the domain of its first pending
-/// recipient. The connection limits count lanes by it; where the mail of
-/// each domain really goes is the component's decision.
-pub fn destination(control: &Control) -> String {
-    control
-        .recipients
-        .iter()
-        .find(|r| r.state == State::Pending)
-        .and_then(|r| r.address.rsplit_once('@'))
-        .map(|(_, domain)| domain.to_ascii_lowercase())
-        .unwrap_or_default()
 }
 
 /// The queue, the folders and the clock: what recording an attempt needs.
@@ -143,6 +130,8 @@ struct Entry {
 
 struct LaneState {
     destination: String,
+    /// What the lane counts for in the active queue.
+    connections: usize,
     ids: Vec<String>,
     /// Messages not yet recorded.
     left: usize,
@@ -187,6 +176,7 @@ impl Recorder {
                 .collect();
             self.lanes.push(LaneState {
                 destination: lane.destination,
+                connections: lane.connections,
                 ids,
                 left: 0,
             });
@@ -293,7 +283,7 @@ impl Recorder {
             .remove(&queue::message_file(&entry.message.control.queue_id));
         let (attempt, notices) = apply_report(&self.spool, entry.message, &entry.pending, report);
         for notice in notices {
-            let destination = destination(&notice);
+            let destination = qmgr::destination(&notice);
             let message = Message {
                 control: notice,
                 fresh: None,
@@ -316,8 +306,11 @@ impl Recorder {
             && state.left == 0
         {
             let ids = std::mem::take(&mut state.ids);
-            self.active
-                .lane_done(&state.destination, ids.iter().map(String::as_str));
+            self.active.lane_done(
+                &state.destination,
+                state.connections,
+                ids.iter().map(String::as_str),
+            );
             // Never released twice.
             state.left = usize::MAX;
             self.open_lanes = self.open_lanes.saturating_sub(1);

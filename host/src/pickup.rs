@@ -25,7 +25,7 @@ use crate::badmail::{self, Reason};
 use crate::delivery;
 use crate::logging;
 use crate::mailroot::{Entry, Folder, Listing};
-use crate::qmgr::{ActiveQueue, Admission, Fresh, Message};
+use crate::qmgr::{self, ActiveQueue, Admission, Fresh, Message};
 use crate::queue::{self, Control, Recipient, State, new_queue_id};
 use crate::relay::Relay;
 use crate::runtime::CallError;
@@ -359,7 +359,7 @@ impl<'a> Pickup<'a> {
             control.recipients.len(),
         ));
         let _ = self.relay.queue.clear_component_failures(id);
-        let destination = delivery::destination(&control);
+        let destination = qmgr::destination(&control);
         self.active
             .push(destination, Message { control, fresh }, Admission::Reserved);
     }
@@ -593,7 +593,7 @@ fn judge(
                     &notice.message,
                 )
             {
-                let destination = delivery::destination(&control);
+                let destination = qmgr::destination(&control);
                 let message = Message {
                     control,
                     fresh: None,

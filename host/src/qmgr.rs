@@ -8,8 +8,15 @@
 //! many lanes and drives them concurrently, so a slow destination costs a
 //! socket, not a worker. A lane counts against the limits from the moment it
 //! is handed out until its last message is recorded: at most
-//! `max_connections` lanes in all and `max_per_destination` for one
-//! destination.
+//! `max_connections` connections in all and `max_per_destination` lanes for
+//! one destination.
+//!
+//! A message is scheduled by the domain of its first pending recipient, but
+//! the component opens a session for each domain it has recipients at. So a
+//! lane counts as many connections as its messages have domains (an upper
+//! bound: lanes of one call that share a domain share its session), and the
+//! limit on connections in all holds for messages to several domains too.
+//! The limit per destination counts lanes by their first domain only.
 //!
 //! The queue is bounded, in messages and in bytes of messages held in
 //! memory: producers (pickup, the queue scan) wait for room, so memory does
@@ -20,7 +27,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::queue::Control;
+use crate::queue::{Control, State};
 
 /// How long a worker waits for a short batch to fill while messages are
 /// still coming in: a few accept calls' worth.
@@ -80,12 +87,44 @@ pub enum Admission {
 pub struct Lane {
     pub destination: String,
     pub messages: Vec<Message>,
+    /// The connections it counts for: the domains its messages have
+    /// pending recipients at (at least one).
+    pub connections: usize,
+}
+
+/// The domains of a message's pending recipients, lowercased, each once, in
+/// the order of the recipients.
+pub fn pending_domains(control: &Control) -> Vec<String> {
+    let mut domains: Vec<String> = Vec::new();
+    for recipient in control
+        .recipients
+        .iter()
+        .filter(|r| r.state == State::Pending)
+    {
+        if let Some((_, domain)) = recipient.address.rsplit_once('@') {
+            let domain = domain.to_ascii_lowercase();
+            if !domains.contains(&domain) {
+                domains.push(domain);
+            }
+        }
+    }
+    domains
+}
+
+/// The scheduling key of a message: the domain of its first pending
+/// recipient. The limit per destination counts lanes by it; where the mail
+/// of each domain really goes is the component's decision.
+pub fn destination(control: &Control) -> String {
+    pending_domains(control)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
 }
 
 /// The limits of the active queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Lanes (connections) in flight in all.
+    /// Connections in flight in all (see [`Lane::connections`]).
     pub max_connections: usize,
     /// Lanes in flight for one destination.
     pub max_per_destination: usize,
@@ -311,6 +350,7 @@ impl ActiveQueue {
             }
             let mut messages = Vec::new();
             let mut memory = 0;
+            let mut domains: Vec<String> = Vec::new();
             while messages.len() < limits.messages_per_lane {
                 let Some(next) = destination.waiting.front() else {
                     break;
@@ -320,6 +360,21 @@ impl ActiveQueue {
                 if bytes > 0 && bytes + size > limits.bytes_per_call {
                     break;
                 }
+                let mut with_next = domains.clone();
+                for domain in pending_domains(&next.control) {
+                    if !with_next.contains(&domain) {
+                        with_next.push(domain);
+                    }
+                }
+                // A message to more domains than the limit still goes when
+                // nothing else is in flight, or it never would.
+                let connections = inner.connections + with_next.len().max(1);
+                if connections > limits.max_connections
+                    && (!messages.is_empty() || inner.connections > 0)
+                {
+                    break;
+                }
+                domains = with_next;
                 bytes += size;
                 if let Some(message) = destination.waiting.pop_front() {
                     memory += message.memory();
@@ -328,12 +383,14 @@ impl ActiveQueue {
             }
             let more = !destination.waiting.is_empty();
             if messages.is_empty() {
-                // Over the byte budget: this destination starts the next call.
+                // Over the byte budget or the connections: this destination
+                // starts the next call.
                 inner.ready.push_front(key);
                 break;
             }
+            let connections = domains.len().max(1);
             destination.lanes += 1;
-            inner.connections += 1;
+            inner.connections += connections;
             inner.waiting -= messages.len();
             inner.memory -= memory;
             if more {
@@ -342,6 +399,7 @@ impl ActiveQueue {
             lanes.push(Lane {
                 destination: key,
                 messages,
+                connections,
             });
         }
         if !lanes.is_empty() {
@@ -351,14 +409,20 @@ impl ActiveQueue {
         lanes
     }
 
-    /// Every message of a lane is recorded: its connection is free, and its
-    /// messages leave the queue (a deferred one comes back with the scan).
-    pub fn lane_done<'a>(&self, destination: &str, queue_ids: impl IntoIterator<Item = &'a str>) {
+    /// Every message of a lane is recorded: its connections are free, and
+    /// its messages leave the queue (a deferred one comes back with the
+    /// scan). `connections` is the lane's [`Lane::connections`].
+    pub fn lane_done<'a>(
+        &self,
+        destination: &str,
+        connections: usize,
+        queue_ids: impl IntoIterator<Item = &'a str>,
+    ) {
         let mut inner = self.lock();
         for id in queue_ids {
             inner.ids.remove(id);
         }
-        inner.connections = inner.connections.saturating_sub(1);
+        inner.connections = inner.connections.saturating_sub(connections);
         if let Some(entry) = inner.destinations.get_mut(destination) {
             entry.lanes = entry.lanes.saturating_sub(1);
             if entry.lanes == 0 && entry.waiting.is_empty() {
@@ -411,6 +475,74 @@ mod tests {
         }
     }
 
+    /// A message to `recipients`; those starting with `-` are delivered.
+    fn message_to(id: &str, recipients: &[&str]) -> Message {
+        let mut message = message(id);
+        message.control.recipients = recipients
+            .iter()
+            .map(|address| crate::queue::Recipient {
+                address: address.trim_start_matches('-').to_string(),
+                state: if address.starts_with('-') {
+                    State::Delivered
+                } else {
+                    State::Pending
+                },
+                status: None,
+                last_reply: None,
+                remote_mta: None,
+            })
+            .collect();
+        message
+    }
+
+    #[test]
+    fn pending_domains_are_lowercased_once_each_in_order() {
+        let m = message_to("m", &["a@B.test", "-c@done.test", "d@b.TEST", "e@c.test"]);
+        assert_eq!(pending_domains(&m.control), ["b.test", "c.test"]);
+        assert_eq!(destination(&m.control), "b.test");
+        assert_eq!(destination(&message_to("n", &["-a@x.test"]).control), "");
+    }
+
+    #[test]
+    fn a_lane_counts_a_connection_for_each_domain_of_its_messages() {
+        let queue = ActiveQueue::new(limits());
+        let three = ["r@a.test", "r@b.test", "r@c.test"];
+        queue.push(
+            "a.test".into(),
+            message_to("m1", &three),
+            Admission::Scanned,
+        );
+        queue.push(
+            "a.test".into(),
+            message_to("m2", &three[..2]),
+            Admission::Scanned,
+        );
+        queue.push(
+            "x.test".into(),
+            message_to("m3", &["r@x.test", "r@y.test"]),
+            Admission::Scanned,
+        );
+        // m1 and m2 share a lane of three domains; m3's two would pass the
+        // limit of four connections.
+        let first = queue.next_batch().unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(ids(&first[0]), ["m1", "m2"]);
+        assert_eq!(first[0].connections, 3);
+        assert!(
+            queue.more_lanes(1).is_empty(),
+            "one connection is left, m3 needs two"
+        );
+        queue.lane_done("a.test", 3, ["m1", "m2"]);
+        let second = queue.more_lanes(0);
+        assert_eq!(second[0].connections, 2);
+        // A message to more domains than the limit goes when nothing else
+        // is in flight.
+        queue.lane_done("x.test", 2, ["m3"]);
+        let five = ["r@1.test", "r@2.test", "r@3.test", "r@4.test", "r@5.test"];
+        queue.push("1.test".into(), message_to("m4", &five), Admission::Scanned);
+        assert_eq!(queue.more_lanes(0)[0].connections, 5);
+    }
+
     fn ids(lane: &Lane) -> Vec<&str> {
         lane.messages
             .iter()
@@ -452,7 +584,7 @@ mod tests {
         let second = queue.next_batch().unwrap();
         assert_eq!(second.len(), 1);
         assert_eq!(second[0].destination, "d");
-        queue.lane_done("b", ["b1"]);
+        queue.lane_done("b", 1, ["b1"]);
         let third = queue.next_batch().unwrap();
         assert_eq!(
             (third[0].destination.as_str(), ids(&third[0])),
@@ -486,7 +618,7 @@ mod tests {
         queue.push("a".into(), message("a1"), Admission::Scanned);
         queue.producer_done();
         let batch = queue.next_batch().unwrap();
-        queue.lane_done("a", ["a1"]);
+        queue.lane_done("a", 1, ["a1"]);
         queue.batch_done();
         drop(batch);
         assert!(queue.next_batch().is_none());

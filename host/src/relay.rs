@@ -366,7 +366,7 @@ impl Relay {
                 }
                 match self.queue.load(&queue_id) {
                     Ok(control) if force || delivery::is_due(&control, now_ms) => {
-                        let destination = delivery::destination(&control);
+                        let destination = qmgr::destination(&control);
                         let message = Message {
                             control,
                             fresh: None,
