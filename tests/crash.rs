@@ -47,13 +47,7 @@ fn start_relay(root: &TestMailroot, log: &std::path::Path) -> Child {
 #[test]
 fn every_message_survives_repeated_kill_9() {
     let peer = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            "d1 IN MX 10 mx.d1".to_string(),
-            format!("mx.d1 IN A {}", peer.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("d1", peer.ip)]);
     let root = TestMailroot::new(&dns);
     fs::create_dir_all(root.dir("Pickup")).unwrap();
     for n in 0..MESSAGES {

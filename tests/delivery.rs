@@ -10,16 +10,6 @@ use mailroot_e2e::{
     Dns, PostfixPeer, SilentServer, SmtpPeer, SmtpSink, TestCertificates, TestMailroot, pickup_file,
 };
 
-fn dns_to(domain: &str, peer_ip: impl std::fmt::Display) -> Dns {
-    Dns::start(
-        &[
-            format!("{domain} IN MX 10 mx.{domain}"),
-            format!("mx.{domain} IN A {peer_ip}"),
-        ],
-        &[],
-    )
-}
-
 fn write_config(root: &TestMailroot, text: &str) -> String {
     let path = root.root.0.join("mailroot.toml");
     std::fs::write(&path, text).unwrap();
@@ -35,7 +25,7 @@ fn starttls_verify_succeeds_with_the_test_ca_and_fails_without_it() {
         "--tls-key",
         certs.key.to_str().unwrap(),
     ]);
-    let dns = dns_to("tls", peer.ip);
+    let dns = Dns::with_exchangers(&[("tls", peer.ip)]);
     let message = pickup_file("s@src.test", &["r@tls.test"], "Subject: tls\r\n\r\nx\r\n");
 
     // verify, with the test CA: delivered over TLS.
@@ -88,7 +78,7 @@ fn starttls_to_postfix_verifies_with_the_test_ca_and_fails_without_it() {
     let certs = TestCertificates::new("mx.pftls.test");
     let recorder = SmtpPeer::start();
     let postfix = PostfixPeer::start(&certs, "pftls.test", recorder.ip);
-    let dns = dns_to("pftls", postfix.ip);
+    let dns = Dns::with_exchangers(&[("pftls", postfix.ip)]);
     let message = pickup_file(
         "s@src.test",
         &["r@pftls.test"],
@@ -145,7 +135,7 @@ fn starttls_to_postfix_verifies_with_the_test_ca_and_fails_without_it() {
 #[test]
 fn required_tls_defers_when_the_server_offers_none() {
     let peer = SmtpPeer::start();
-    let dns = dns_to("plain", peer.ip);
+    let dns = Dns::with_exchangers(&[("plain", peer.ip)]);
     let root = TestMailroot::new(&dns);
     root.drop_file(
         "needs-tls.eml",
@@ -250,7 +240,7 @@ fn a_smart_host_with_auth_over_tls() {
 #[test]
 fn a_150_recipient_message_goes_in_two_transactions() {
     let peer = SmtpPeer::start();
-    let dns = dns_to("many", peer.ip);
+    let dns = Dns::with_exchangers(&[("many", peer.ip)]);
     let root = TestMailroot::new(&dns);
     let recipients: Vec<String> = (0..150).map(|n| format!("user{n:03}@many.test")).collect();
     let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
@@ -273,15 +263,7 @@ fn a_150_recipient_message_goes_in_two_transactions() {
 fn a_silent_server_times_out_while_another_domain_is_delivered() {
     let silent = SilentServer::start();
     let peer = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            "slow IN MX 10 mx.slow".to_string(),
-            format!("mx.slow IN A {}", silent.ip),
-            "fast IN MX 10 mx.fast".to_string(),
-            format!("mx.fast IN A {}", peer.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("slow", silent.ip), ("fast", peer.ip)]);
     let root = TestMailroot::new(&dns);
     root.drop_file(
         "a-slow.eml",
@@ -336,7 +318,7 @@ fn a_silent_server_times_out_while_another_domain_is_delivered() {
 /// arrives.
 #[test]
 fn slow_destinations_are_held_at_once_by_few_workers_within_the_connection_limit() {
-    let slow_world = |domains: usize| {
+    for (domains, limit) in [(200, 200), (60, 20)] {
         let peer = SmtpPeer::start_with(&["--reply-delay", "0.3"]);
         let mut records = vec![format!("mx.slow IN A {}", peer.ip)];
         records.extend((0..domains).map(|n| format!("s{n} IN MX 10 mx.slow")));
@@ -352,32 +334,19 @@ fn slow_destinations_are_held_at_once_by_few_workers_within_the_connection_limit
                 ),
             );
         }
-        (peer, dns, root)
-    };
-
-    let (peer, _dns, root) = slow_world(200);
-    assert_eq!(
-        root.run_once(&["--workers", "2", "--max-connections", "200"]),
-        0
-    );
-    assert_eq!(peer.messages().len(), 200);
-    assert_eq!(
-        peer.peak_connections(),
-        200,
-        "two workers held every slow session at once"
-    );
-
-    let (peer, _dns, root) = slow_world(60);
-    assert_eq!(
-        root.run_once(&["--workers", "2", "--max-connections", "20"]),
-        0
-    );
-    assert_eq!(peer.messages().len(), 60);
-    assert_eq!(
-        peer.peak_connections(),
-        20,
-        "the limit of 20 connections is used in full, never passed"
-    );
+        let limit_arg = limit.to_string();
+        assert_eq!(
+            root.run_once(&["--workers", "2", "--max-connections", &limit_arg]),
+            0
+        );
+        assert_eq!(peer.messages().len(), domains);
+        assert_eq!(
+            peer.peak_connections(),
+            limit,
+            "{domains} slow destinations, two workers, a limit of {limit} connections: \
+             used in full, never passed"
+        );
+    }
 }
 
 /// Messages to three domains each, behind the slow server: the component
@@ -423,7 +392,7 @@ fn a_message_to_several_domains_counts_a_connection_for_each() {
 #[test]
 fn local_domains_are_written_to_drop() {
     let watcher = SmtpPeer::start();
-    let dns = dns_to("intranet", watcher.ip);
+    let dns = Dns::with_exchangers(&[("intranet", watcher.ip)]);
     let root = TestMailroot::new(&dns);
     let config = write_config(&root, "local_domains = [\"intranet.test\"]\n");
     root.drop_file(
@@ -448,13 +417,7 @@ fn local_domains_are_written_to_drop() {
 fn per_domain_routes_override_mx() {
     let mx = SmtpPeer::start();
     let gateway = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            "partner IN MX 10 mx.partner".to_string(),
-            format!("mx.partner IN A {}", mx.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("partner", mx.ip)]);
     let root = TestMailroot::new(&dns);
     let config = write_config(
         &root,
@@ -554,17 +517,11 @@ fn servers_without_8bitmime_or_smtputf8_are_never_sent_what_they_cannot_take() {
     let seven_bit = SmtpSink::start(&["-8"]);
     let no_utf8 = SmtpPeer::start_with(&["--no-smtputf8"]);
     let senders = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            "seven IN MX 10 mx.seven".to_string(),
-            format!("mx.seven IN A {}", seven_bit.ip),
-            "ascii IN MX 10 mx.ascii".to_string(),
-            format!("mx.ascii IN A {}", no_utf8.ip),
-            "src IN MX 10 mx.src".to_string(),
-            format!("mx.src IN A {}", senders.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[
+        ("seven", seven_bit.ip),
+        ("ascii", no_utf8.ip),
+        ("src", senders.ip),
+    ]);
     let root = TestMailroot::new(&dns);
     root.drop_file(
         "eight-bit.eml",

@@ -13,13 +13,7 @@ const HOSTILE: &str = env!("MAILROOT_HOSTILE_COMPONENT");
 #[test]
 fn looping_and_allocating_components_are_stopped_and_the_host_keeps_serving() {
     let peer = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            "d1 IN MX 10 mx.d1".to_string(),
-            format!("mx.d1 IN A {}", peer.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("d1", peer.ip)]);
     let root = TestMailroot::new(&dns);
     root.drop_file(
         "loop.eml",

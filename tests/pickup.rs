@@ -8,13 +8,7 @@ use mailroot_e2e::{Dns, SmtpPeer, TestMailroot, backdate, pickup_file};
 
 fn setup() -> (SmtpPeer, Dns) {
     let peer = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            "d1 IN MX 10 mx.d1".to_string(),
-            format!("mx.d1 IN A {}", peer.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("d1", peer.ip)]);
     (peer, dns)
 }
 

@@ -9,17 +9,38 @@ use mailroot_e2e::{
     Dns, ManualClock, Received, SmtpPeer, TestMailroot, header, mime_parts, pickup_file,
 };
 
-/// d1.test goes to `dest`, src.test (the senders' domain, where DSNs go) to `senders`.
-fn dns_for(dest: &SmtpPeer, senders: &SmtpPeer) -> Dns {
-    Dns::start(
-        &[
-            "d1 IN MX 10 mx.d1".to_string(),
-            format!("mx.d1 IN A {}", dest.ip),
-            "src IN MX 10 mx.src".to_string(),
-            format!("mx.src IN A {}", senders.ip),
-        ],
-        &[],
-    )
+/// What the tests of a message's life in the queue share: d1.test goes to
+/// `dest`, src.test (the senders' domain, where DSNs go) to `senders`, and
+/// the relay runs on a clock the test drives.
+///
+/// Fields drop in order: the relay before the mailroot it works in.
+struct World {
+    relay: mailroot::Relay,
+    clock: ManualClock,
+    root: TestMailroot,
+    /// Serves the two domains for as long as the test runs.
+    _dns: Dns,
+    senders: SmtpPeer,
+    dest: SmtpPeer,
+}
+
+/// `dest` is an `smtp_peer.py` started with `dest_options`; the relay gets
+/// the command-line `relay_args`.
+fn start_world(dest_options: &[&str], relay_args: &[&str]) -> World {
+    let dest = SmtpPeer::start_with(dest_options);
+    let senders = SmtpPeer::start();
+    let dns = Dns::with_exchangers(&[("d1", dest.ip), ("src", senders.ip)]);
+    let root = TestMailroot::new(&dns);
+    let clock = ManualClock::now();
+    let relay = root.relay(&clock, relay_args);
+    World {
+        dest,
+        senders,
+        _dns: dns,
+        root,
+        clock,
+        relay,
+    }
 }
 
 fn control(root: &TestMailroot) -> serde_json::Value {
@@ -46,14 +67,9 @@ fn dsns(senders: &SmtpPeer) -> Vec<String> {
 
 #[test]
 fn a_451_at_rcpt_is_retried_on_schedule_and_then_delivered() {
-    let dest = SmtpPeer::start_with(&["--rcpt-fail-first", "later@=1"]);
-    let senders = SmtpPeer::start();
-    let dns = dns_for(&dest, &senders);
-    let root = TestMailroot::new(&dns);
-    let clock = ManualClock::now();
-    let relay = root.relay(&clock, &[]);
-    let t0 = clock.get();
-    root.drop_file(
+    let world = start_world(&["--rcpt-fail-first", "later@=1"], &[]);
+    let t0 = world.clock.get();
+    world.root.drop_file(
         "retry.eml",
         &pickup_file(
             "s@src.test",
@@ -62,12 +78,12 @@ fn a_451_at_rcpt_is_retried_on_schedule_and_then_delivered() {
         ),
     );
 
-    let first = relay.run_pass(false);
+    let first = world.relay.run_pass(false);
     assert_eq!(first.deferred, 1);
-    let got = dest.messages();
+    let got = world.dest.messages();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].rcpt_tos, vec!["ok@d1.test"]);
-    let c = control(&root);
+    let c = control(&world.root);
     assert_eq!(c["attempts"], 1);
     assert_eq!(
         c["next_attempt_ms"],
@@ -84,37 +100,32 @@ fn a_451_at_rcpt_is_retried_on_schedule_and_then_delivered() {
     );
 
     // Not due yet: nothing happens.
-    clock.advance(Duration::from_secs(299));
-    relay.run_pass(false);
-    assert_eq!(dest.messages().len(), 1);
+    world.clock.advance(Duration::from_secs(299));
+    world.relay.run_pass(false);
+    assert_eq!(world.dest.messages().len(), 1);
 
     // Due: only the deferred recipient is tried, and it is delivered.
-    clock.advance(Duration::from_secs(1));
-    let second = relay.run_pass(false);
+    world.clock.advance(Duration::from_secs(1));
+    let second = world.relay.run_pass(false);
     assert_eq!(second.delivered, 1);
-    let got = dest.messages();
+    let got = world.dest.messages();
     assert_eq!(got.len(), 2);
     assert_eq!(
         got[1].rcpt_tos,
         vec!["later@d1.test"],
         "the delivered recipient is never sent the message again"
     );
-    assert!(root.queued().is_empty());
+    assert!(world.root.queued().is_empty());
     assert!(
-        senders.messages().is_empty(),
+        world.senders.messages().is_empty(),
         "no DSN for a delivered message"
     );
 }
 
 #[test]
 fn one_550_and_one_250_give_one_delivery_and_one_dsn() {
-    let dest = SmtpPeer::start_with(&["--rcpt-reply", "gone@=550 5.1.1 no such user here"]);
-    let senders = SmtpPeer::start();
-    let dns = dns_for(&dest, &senders);
-    let root = TestMailroot::new(&dns);
-    let clock = ManualClock::now();
-    let relay = root.relay(&clock, &[]);
-    root.drop_file(
+    let world = start_world(&["--rcpt-reply", "gone@=550 5.1.1 no such user here"], &[]);
+    world.root.drop_file(
         "mixed.eml",
         &pickup_file(
             "s@src.test",
@@ -122,12 +133,12 @@ fn one_550_and_one_250_give_one_delivery_and_one_dsn() {
             "From: Sender <s@src.test>\r\nTo: ok@d1.test, gone@d1.test\r\nSubject: quarterly figures\r\n\r\nsecret body\r\n",
         ),
     );
-    relay.run_pass(false);
+    world.relay.run_pass(false);
 
-    let got = dest.messages();
+    let got = world.dest.messages();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].rcpt_tos, vec!["ok@d1.test"]);
-    let dsns = dsns(&senders);
+    let dsns = dsns(&world.senders);
     assert_eq!(dsns.len(), 1, "one DSN");
     let dsn = &dsns[0];
     let (top, _) = dsn.split_once("\r\n\r\n").unwrap();
@@ -200,19 +211,17 @@ fn one_550_and_one_250_give_one_delivery_and_one_dsn() {
         "quarterly figures"
     );
     assert!(!dsn.contains("secret body"), "headers only, never the body");
-    assert!(root.queued().is_empty());
+    assert!(world.root.queued().is_empty());
 }
 
 #[test]
 fn a_delay_notice_once_then_expiry_with_4_4_7() {
-    let dest = SmtpPeer::start_with(&["--rcpt-reply", "later@=451 4.2.0 mailbox busy"]);
-    let senders = SmtpPeer::start();
-    let dns = dns_for(&dest, &senders);
-    let root = TestMailroot::new(&dns);
-    let clock = ManualClock::now();
-    let relay = root.relay(&clock, &["--retry-profile", "iis"]);
-    let t0 = clock.get();
-    root.drop_file(
+    let world = start_world(
+        &["--rcpt-reply", "later@=451 4.2.0 mailbox busy"],
+        &["--retry-profile", "iis"],
+    );
+    let t0 = world.clock.get();
+    world.root.drop_file(
         "late.eml",
         &pickup_file(
             "s@src.test",
@@ -224,11 +233,11 @@ fn a_delay_notice_once_then_expiry_with_4_4_7() {
     // Follow the schedule: each pass at the stored next-attempt time.
     let mut attempts_at = Vec::new();
     for _ in 0..40 {
-        relay.run_pass(false);
-        let queued = root.queued();
+        world.relay.run_pass(false);
+        let queued = world.root.queued();
         let Some(c) = queued.first() else { break };
-        attempts_at.push((clock.get() - t0) / 60_000);
-        clock.set(c["next_attempt_ms"].as_u64().unwrap());
+        attempts_at.push((world.clock.get() - t0) / 60_000);
+        world.clock.set(c["next_attempt_ms"].as_u64().unwrap());
     }
     assert_eq!(
         &attempts_at[..5],
@@ -236,11 +245,11 @@ fn a_delay_notice_once_then_expiry_with_4_4_7() {
         "IIS: 15, 30, 60 minutes, then every 240"
     );
     assert!(
-        root.queued().is_empty(),
+        world.root.queued().is_empty(),
         "the message left the queue at expiry"
     );
 
-    let dsns = dsns(&senders);
+    let dsns = dsns(&world.senders);
     let delayed: Vec<&String> = dsns
         .iter()
         .filter(|d| d.contains("Action: delayed"))
@@ -263,18 +272,13 @@ fn a_delay_notice_once_then_expiry_with_4_4_7() {
             .contains("451 4.2.0 mailbox busy")
     );
     // The expiry came two days after arrival.
-    assert_eq!((clock.get() - t0) / 3_600_000, 48);
+    assert_eq!((world.clock.get() - t0) / 3_600_000, 48);
 }
 
 #[test]
 fn a_null_sender_failure_goes_to_badmail_without_a_dsn() {
-    let dest = SmtpPeer::start_with(&["--rcpt-reply", "gone@=550 5.1.1 no such user"]);
-    let senders = SmtpPeer::start();
-    let dns = dns_for(&dest, &senders);
-    let root = TestMailroot::new(&dns);
-    let clock = ManualClock::now();
-    let relay = root.relay(&clock, &[]);
-    root.drop_file(
+    let world = start_world(&["--rcpt-reply", "gone@=550 5.1.1 no such user"], &[]);
+    world.root.drop_file(
         "bounce.eml",
         &pickup_file(
             "<>",
@@ -282,10 +286,10 @@ fn a_null_sender_failure_goes_to_badmail_without_a_dsn() {
             "From: MAILER-DAEMON@src.test\r\nSubject: a bounce\r\n\r\nx\r\n",
         ),
     );
-    relay.run_pass(false);
-    assert!(root.queued().is_empty());
-    assert_eq!(senders.connections(), 0, "never a DSN to <>");
-    let reason = root.reason("bounce.eml");
+    world.relay.run_pass(false);
+    assert!(world.root.queued().is_empty());
+    assert_eq!(world.senders.connections(), 0, "never a DSN to <>");
+    let reason = world.root.reason("bounce.eml");
     assert_eq!(reason["code"], "delivery-failed");
     assert!(
         reason["reason"].as_str().unwrap().contains("null sender"),
@@ -298,13 +302,7 @@ fn a_null_sender_failure_goes_to_badmail_without_a_dsn() {
 fn a_dsn_that_fails_goes_to_badmail() {
     // The sender's domain does not exist: the DSN itself fails, and stops there.
     let dest = SmtpPeer::start_with(&["--rcpt-reply", "gone@=550 5.1.1 no such user"]);
-    let dns = Dns::start(
-        &[
-            "d1 IN MX 10 mx.d1".to_string(),
-            format!("mx.d1 IN A {}", dest.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("d1", dest.ip)]);
     let root = TestMailroot::new(&dns);
     let clock = ManualClock::now();
     let relay = root.relay(&clock, &[]);
@@ -336,19 +334,14 @@ fn a_dsn_that_fails_goes_to_badmail() {
 
 #[test]
 fn an_oversized_message_gets_a_dsn_with_its_headers() {
-    let dest = SmtpPeer::start();
-    let senders = SmtpPeer::start();
-    let dns = dns_for(&dest, &senders);
-    let root = TestMailroot::new(&dns);
-    let clock = ManualClock::now();
-    let relay = root.relay(&clock, &["--max-message-size", "2000"]);
+    let world = start_world(&[], &["--max-message-size", "2000"]);
     let mut file = pickup_file("s@src.test", &["r@d1.test"], "Subject: attachment\r\n\r\n");
     file.extend(std::iter::repeat_n(b'A', 10_000));
-    root.drop_file("huge.eml", &file);
-    relay.run_pass(false);
-    assert_eq!(dest.connections(), 0);
-    assert_eq!(root.reason("huge.eml")["code"], "too-large");
-    let dsns = dsns(&senders);
+    world.root.drop_file("huge.eml", &file);
+    world.relay.run_pass(false);
+    assert_eq!(world.dest.connections(), 0);
+    assert_eq!(world.root.reason("huge.eml")["code"], "too-large");
+    let dsns = dsns(&world.senders);
     assert_eq!(dsns.len(), 1);
     let parts = mime_parts(&dsns[0]);
     assert_eq!(

@@ -18,15 +18,7 @@ const BODY_WITH_DOTS: &str = "Subject: dots\r\n\r\n.leading dot\r\n.\r\n..\r\npl
 fn two_domains_get_one_transaction_each_without_envelope_lines_or_bcc() {
     let one = SmtpPeer::start();
     let two = SmtpPeer::start();
-    let dns = Dns::start(
-        &[
-            mx("d1", 10, "mx.d1"),
-            a("mx.d1", one.ip),
-            mx("d2", 10, "mx.d2"),
-            a("mx.d2", two.ip),
-        ],
-        &[],
-    );
+    let dns = Dns::with_exchangers(&[("d1", one.ip), ("d2", two.ip)]);
     let root = TestMailroot::new(&dns);
     let file = pickup_file(
         "sender@src.test",
@@ -80,7 +72,7 @@ fn two_domains_get_one_transaction_each_without_envelope_lines_or_bcc() {
 #[test]
 fn headers_give_the_envelope_when_there_are_no_pickup_lines() {
     let peer = SmtpPeer::start();
-    let dns = Dns::start(&[mx("d1", 10, "mx.d1"), a("mx.d1", peer.ip)], &[]);
+    let dns = Dns::with_exchangers(&[("d1", peer.ip)]);
     let root = TestMailroot::new(&dns);
     root.drop_file(
         "headers.eml",
@@ -279,7 +271,7 @@ fn per_recipient_replies_deliver_some_and_report_the_rest() {
         "--rcpt-reply",
         "later@=451 4.2.0 mailbox busy",
     ]);
-    let dns = Dns::start(&[mx("d1", 10, "mx.d1"), a("mx.d1", peer.ip)], &[]);
+    let dns = Dns::with_exchangers(&[("d1", peer.ip)]);
     let root = TestMailroot::new(&dns);
     root.drop_file(
         "mixed.eml",
@@ -330,7 +322,7 @@ fn per_recipient_replies_deliver_some_and_report_the_rest() {
 #[test]
 fn lines_over_998_characters_are_broken_before_sending() {
     let peer = SmtpPeer::start();
-    let dns = Dns::start(&[mx("d1", 10, "mx.d1"), a("mx.d1", peer.ip)], &[]);
+    let dns = Dns::with_exchangers(&[("d1", peer.ip)]);
     let root = TestMailroot::new(&dns);
     let long = "x".repeat(3000);
     root.drop_file(

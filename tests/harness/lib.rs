@@ -130,6 +130,21 @@ impl Dns {
         wait_for_dns(addr);
         dns
     }
+
+    /// Serve one exchanger for each domain: `NAME IN MX 10 mx.NAME` and
+    /// `mx.NAME IN A IP`, the set-up most tests need.
+    pub fn with_exchangers(exchangers: &[(&str, Ipv4Addr)]) -> Self {
+        let records: Vec<String> = exchangers
+            .iter()
+            .flat_map(|(name, ip)| {
+                [
+                    format!("{name} IN MX 10 mx.{name}"),
+                    format!("mx.{name} IN A {ip}"),
+                ]
+            })
+            .collect();
+        Dns::start(&records, &[])
+    }
 }
 
 impl Drop for Dns {
